@@ -1,0 +1,249 @@
+// C++ CPU backend. Threads own disjoint ranges of samples; within a range, samples are taken in
+// tiles so that for each member the tile's rows are read as one contiguous stretch of memory
+// (K = 10 would otherwise touch one cache line per member per sample).
+#include "score_cpu.h"
+
+#include <algorithm>
+#include <thread>
+#include <vector>
+
+namespace ensel {
+namespace {
+
+// The hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64; the loader picks one.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ENSEL_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ENSEL_TARGET_CLONES
+#endif
+
+// How many contiguous slices parallel_for cuts [0, n) into. Below `serial_below` items of work
+// a thread's start-up (tens of microseconds) costs more than it saves.
+int64_t slice_count(int64_t n, int num_threads, int64_t work_per_item) {
+  const int64_t serial_below = 1 << 15;
+  if (n * work_per_item < serial_below) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(num_threads, n));
+}
+
+// Runs body(slice, begin, end) on slice_count(...) threads, the calling thread included.
+template <typename Body>
+void parallel_for(int64_t n, int num_threads, int64_t work_per_item, Body body) {
+  const int64_t slices = slice_count(n, num_threads, work_per_item);
+  std::vector<std::thread> pool;
+  pool.reserve(slices - 1);
+  for (int64_t t = 1; t < slices; ++t) pool.emplace_back(body, t, n * t / slices, n * (t + 1) / slices);
+  body(int64_t{0}, int64_t{0}, n / slices);
+  for (auto& th : pool) th.join();
+}
+
+bool earlier(const Failure& a, const Failure& b) {
+  if (a.status == kOk) return false;
+  if (b.status == kOk) return true;
+  return a.member != b.member ? a.member < b.member : a.sample < b.sample;
+}
+
+template <typename T>
+struct Rows {
+  const T* base;
+  int64_t member_stride, sample_stride;
+  const T* row(int64_t e, int64_t n) const { return base + e * member_stride + n * sample_stride; }
+};
+
+// Samples per tile: about 16 KB of float accumulators, at most 256 samples.
+int64_t tile_for(int64_t K) { return std::max<int64_t>(1, std::min<int64_t>(256, 4096 / K)); }
+
+template <typename T>
+__attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t E, int64_t K,
+                                                          const int64_t* labels, ScoreOutputs out,
+                                                          int64_t begin, int64_t end) {
+  const int64_t tile = tile_for(K);
+  std::vector<float> pbar(tile * K), scratch(K), entropy_sum(tile);
+  std::vector<int32_t> argmax(tile * E), counts(K, 0);
+  std::vector<LabelState> label_state(tile);
+  std::vector<Status> status(tile);
+  std::vector<int64_t> bad_member(tile);
+  Failure first;
+
+  for (int64_t t0 = begin; t0 < end; t0 += tile) {
+    const int64_t nb = std::min(tile, end - t0);
+    std::fill(pbar.begin(), pbar.begin() + nb * K, 0.0f);
+    std::fill(entropy_sum.begin(), entropy_sum.begin() + nb, 0.0f);
+    std::fill(label_state.begin(), label_state.begin() + nb, empty_label_state());
+    std::fill(status.begin(), status.begin() + nb, kOk);
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t b = 0; b < nb; ++b) {
+        if (status[b] != kOk) continue;
+        const int64_t n = t0 + b;
+        const T* row = rows.row(e, n);
+        RowResult r;
+        const Status st = process_row(row, K, scratch.data(), pbar.data() + b * K, r);
+        if (st != kOk) {
+          status[b] = st;
+          bad_member[b] = e;
+          continue;
+        }
+        argmax[b * E + e] = r.argmax;
+        entropy_sum[b] += r.entropy;
+        if (labels != nullptr) {
+          const int64_t y = labels[n];
+          observe_label(label_state[b], r.argmax, y, (to_float(row[y]) - r.max) - r.log_sum);
+        }
+      }
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t n = t0 + b;
+      if (status[b] != kOk) {
+        const Failure f{status[b], bad_member[b], n};
+        if (earlier(f, first)) first = f;
+        continue;
+      }
+      int32_t mode, votes;
+      mode_of(argmax.data() + b * E, 1, static_cast<int32_t>(E), counts.data(), mode, votes);
+      finalize_sample(pbar.data() + b * K, K, static_cast<int32_t>(E), entropy_sum[b], mode, votes,
+                      labels != nullptr ? &label_state[b] : nullptr, out, n);
+    }
+  }
+  return first;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline Failure check_range(const StreamState& s, Rows<T> rows, int64_t K,
+                                                          int64_t start, int64_t begin, int64_t end) {
+  Failure first;
+  for (int64_t i = begin; i < end; ++i) {
+    float m;
+    const Status st = check_row(rows.row(0, i), K, m);
+    const Failure f{st, s.members[start + i], start + i};
+    if (earlier(f, first)) first = f;
+  }
+  return first;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void update_range(const StreamState& s, Rows<T> rows, int64_t K,
+                                                        int64_t start, int64_t begin, int64_t end) {
+  std::vector<float> scratch(K);
+  const int64_t N = s.num_samples;
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t n = start + i;
+    const T* row = rows.row(0, i);
+    RowResult r;
+    process_row(row, K, scratch.data(), s.pbar_sum + n * K, r);  // validated by check_range
+    s.entropy_sum[n] += r.entropy;
+    s.argmax_history[static_cast<int64_t>(s.members[n]) * N + n] = r.argmax;
+    s.members[n] += 1;
+    if (s.labels != nullptr) {
+      const int64_t y = s.labels[n];
+      LabelState st = s.load_label_state(n);
+      observe_label(st, r.argmax, y, (to_float(row[y]) - r.max) - r.log_sum);
+      s.store_label_state(n, st);
+    }
+  }
+}
+
+// One cloned entry point per kernel and dtype; the templates above inline into each clone.
+#define ENSEL_CPU_KERNELS(T, SUFFIX)                                                                 \
+  ENSEL_TARGET_CLONES Failure fused_##SUFFIX(Rows<T> rows, int64_t E, int64_t K, const int64_t* labels, \
+                                             ScoreOutputs out, int64_t begin, int64_t end) {           \
+    return fused_range<T>(rows, E, K, labels, out, begin, end);                                        \
+  }                                                                                                    \
+  ENSEL_TARGET_CLONES Failure check_##SUFFIX(const StreamState& s, Rows<T> rows, int64_t K,             \
+                                             int64_t start, int64_t begin, int64_t end) {              \
+    return check_range<T>(s, rows, K, start, begin, end);                                              \
+  }                                                                                                    \
+  ENSEL_TARGET_CLONES void update_##SUFFIX(const StreamState& s, Rows<T> rows, int64_t K, int64_t start, \
+                                           int64_t begin, int64_t end) {                               \
+    update_range<T>(s, rows, K, start, begin, end);                                                    \
+  }
+
+ENSEL_CPU_KERNELS(float, f32)
+ENSEL_CPU_KERNELS(Half, f16)
+ENSEL_CPU_KERNELS(BFloat16, bf16)
+ENSEL_CPU_KERNELS(double, f64)
+
+ENSEL_TARGET_CLONES void finalize_range(const StreamState& s, int32_t E, ScoreOutputs out, int64_t begin,
+                                        int64_t end) {
+  const int64_t K = s.num_classes, N = s.num_samples;
+  std::vector<int32_t> counts(K, 0);
+  for (int64_t n = begin; n < end; ++n) {
+    int32_t mode, votes;
+    mode_of(s.argmax_history + n, N, E, counts.data(), mode, votes);
+    LabelState st;
+    if (s.labels != nullptr) st = s.load_label_state(n);
+    finalize_sample(s.pbar_sum + n * K, K, E, s.entropy_sum[n], mode, votes,
+                    s.labels != nullptr ? &st : nullptr, out, n);
+  }
+}
+
+template <typename T>
+Rows<T> rows_of(LogitsView v) {
+  return Rows<T>{static_cast<const T*>(v.data), v.member_stride, v.sample_stride};
+}
+
+Failure fused_slice(LogitsView v, int64_t E, int64_t K, const int64_t* labels, ScoreOutputs out,
+                    int64_t begin, int64_t end) {
+  switch (v.dtype) {
+    case kFloat16: return fused_f16(rows_of<Half>(v), E, K, labels, out, begin, end);
+    case kBFloat16: return fused_bf16(rows_of<BFloat16>(v), E, K, labels, out, begin, end);
+    case kFloat64: return fused_f64(rows_of<double>(v), E, K, labels, out, begin, end);
+    default: return fused_f32(rows_of<float>(v), E, K, labels, out, begin, end);
+  }
+}
+
+Failure check_slice(const StreamState& s, LogitsView v, int64_t K, int64_t start, int64_t begin, int64_t end) {
+  switch (v.dtype) {
+    case kFloat16: return check_f16(s, rows_of<Half>(v), K, start, begin, end);
+    case kBFloat16: return check_bf16(s, rows_of<BFloat16>(v), K, start, begin, end);
+    case kFloat64: return check_f64(s, rows_of<double>(v), K, start, begin, end);
+    default: return check_f32(s, rows_of<float>(v), K, start, begin, end);
+  }
+}
+
+void update_slice(const StreamState& s, LogitsView v, int64_t K, int64_t start, int64_t begin, int64_t end) {
+  switch (v.dtype) {
+    case kFloat16: return update_f16(s, rows_of<Half>(v), K, start, begin, end);
+    case kBFloat16: return update_bf16(s, rows_of<BFloat16>(v), K, start, begin, end);
+    case kFloat64: return update_f64(s, rows_of<double>(v), K, start, begin, end);
+    default: return update_f32(s, rows_of<float>(v), K, start, begin, end);
+  }
+}
+
+// Runs a Failure-returning body over slices and returns the first failure of all.
+template <typename Body>
+Failure parallel_first_failure(int64_t n, int num_threads, int64_t work_per_item, Body body) {
+  std::vector<Failure> found(slice_count(n, num_threads, work_per_item));
+  parallel_for(n, num_threads, work_per_item,
+               [&](int64_t slice, int64_t begin, int64_t end) { found[slice] = body(begin, end); });
+  Failure first;
+  for (const Failure& f : found)
+    if (earlier(f, first)) first = f;
+  return first;
+}
+
+}  // namespace
+
+Failure fused_cpu(LogitsView logits, int64_t E, int64_t N, int64_t K, const int64_t* labels,
+                  ScoreOutputs out, int num_threads) {
+  return parallel_first_failure(N, num_threads, E * K, [&](int64_t begin, int64_t end) {
+    return fused_slice(logits, E, K, labels, out, begin, end);
+  });
+}
+
+Failure update_cpu(StreamState state, LogitsView logits, int64_t start, int64_t rows, int num_threads) {
+  const int64_t K = state.num_classes;
+  const Failure first = parallel_first_failure(rows, num_threads, K, [&](int64_t begin, int64_t end) {
+    return check_slice(state, logits, K, start, begin, end);
+  });
+  if (first.status != kOk) return first;
+  parallel_for(rows, num_threads, K, [&](int64_t, int64_t begin, int64_t end) {
+    update_slice(state, logits, K, start, begin, end);
+  });
+  return first;
+}
+
+void finalize_cpu(StreamState state, int32_t E, ScoreOutputs out, int num_threads) {
+  parallel_for(state.num_samples, num_threads, state.num_classes + E,
+               [&](int64_t, int64_t begin, int64_t end) { finalize_range(state, E, out, begin, end); });
+}
+
+}  // namespace ensel

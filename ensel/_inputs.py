@@ -1,0 +1,87 @@
+"""Input conversion and validation shared by every backend.
+
+Arrays arrive as torch tensors, numpy arrays or any DLPack producer (CuPy, JAX), zero-copy.
+Validation that needs to look at values (NaN, +inf, all -inf rows) happens in the kernels; the
+helpers here turn their status codes into the contract's ValueError.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+# Codes shared with csrc/include/ensel/common.h (DType).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+# Status codes shared with csrc/include/ensel/common.h (Status).
+_STATUS_TEXT = {1: "NaN logit", 2: "+inf logit", 3: "row of all -inf logits"}
+
+
+def as_tensor(x, what: str = "logits") -> torch.Tensor:
+    """A torch view of a tensor, numpy array or DLPack producer, without copying."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        with warnings.catch_warnings():
+            # Read-only arrays (memory-mapped files) are fine: ensel never writes its inputs.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(x)
+    if hasattr(x, "__dlpack__"):
+        return torch.from_dlpack(x)
+    raise TypeError(
+        f"{what}: expected a torch.Tensor, a numpy array or a DLPack array, got {type(x).__name__}"
+    )
+
+
+def check_logits(logits: torch.Tensor, ndim: int, what: str = "logits") -> None:
+    if logits.dim() != ndim:
+        shape = "[E, N, K] (members, samples, classes)" if ndim == 3 else "[N, K] (samples, classes)"
+        raise ValueError(f"{what}: expected a {ndim}-D tensor {shape}, got shape {tuple(logits.shape)}")
+    if logits.dtype not in DTYPE_CODES:
+        raise TypeError(
+            f"{what}: expected a floating dtype (float32, float16, bfloat16 or float64), got {logits.dtype}"
+        )
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{what}: there must be at least one class (K = 0)")
+
+
+def check_labels(labels, num_samples: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    """Labels as a contiguous int64 tensor on `device`; never the caller's own storage."""
+    labels = as_tensor(labels, "labels")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected an integer dtype, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != num_samples:
+        raise ValueError(f"labels: expected shape [{num_samples}] (one per sample), got {tuple(labels.shape)}")
+    labels = labels.to(device=device, dtype=torch.int64, copy=True).contiguous()
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        n = int(bad.nonzero()[0, 0])
+        raise ValueError(f"labels: label {int(labels[n])} of sample {n} is outside [0, {num_classes})")
+    return labels
+
+
+def raise_invalid(status: int, member: int, sample: int) -> None:
+    """Raise the contract's ValueError for a kernel's (status, member, sample), if any."""
+    if status == 0:
+        return
+    what = _STATUS_TEXT.get(status, f"invalid logits (status {status})")
+    raise ValueError(f"invalid input: {what} at member {member}, sample {sample}")
+
+
+def row_status(rows: torch.Tensor) -> torch.Tensor:
+    """The contract's status of each row of a [R, K] tensor (int64 [R]): 0 valid, 1 NaN, 2 +inf
+    (whichever comes first in the row), 3 all -inf. The torch formulation, for backends
+    without a kernel of their own and for the reference."""
+    x = rows if rows.dtype == torch.float64 else rows.float()
+    k = x.shape[1]
+    nan, pos_inf = torch.isnan(x), torch.isposinf(x)
+    # argmax of a boolean row is its first True (torch.argmax returns the first maximum).
+    first_nan = torch.where(nan.any(1), nan.to(torch.int8).argmax(1), k)
+    first_pos_inf = torch.where(pos_inf.any(1), pos_inf.to(torch.int8).argmax(1), k)
+    status = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    status[first_nan < first_pos_inf] = 1
+    status[first_pos_inf < first_nan] = 2
+    status[(status == 0) & torch.isneginf(x).all(1)] = 3
+    return status

@@ -1,0 +1,60 @@
+"""`ensel.score`: one call from logits to scores."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from . import backends
+from ._inputs import as_tensor, check_labels, check_logits
+from .accumulator import Accumulator
+from .scores import Scores
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (torch.Tensor, np.ndarray)) or hasattr(x, "__dlpack__")
+
+
+def score(logits, labels=None, *, backend: str = "auto") -> Scores:
+    """Every score of the contract for an ensemble's logits, in one pass.
+
+    `logits` is either an [E, N, K] array (members, samples, classes: a torch tensor on CPU or
+    CUDA, a numpy array, or any DLPack array) scored by the fused kernel, or an iterable of
+    per-member [N, K] arrays (or [e, N, K] groups of members), streamed through an Accumulator.
+    `labels` (int [N]) adds error_count, forgetting and nll. Float dtypes: float32, float16,
+    bfloat16, float64; scores are accumulated in float32.
+    """
+    if not _is_array(logits) and isinstance(logits, Iterable):
+        return _score_stream(logits, labels, backend)
+    x = as_tensor(logits)
+    check_logits(x, 3)
+    E, N, K = x.shape
+    if E == 0:
+        raise ValueError("logits: the ensemble has no members (E = 0)")
+    if labels is not None:
+        labels = check_labels(labels, N, K, x.device)
+    floats, ints = backends.resolve(backend, x.device).fused(x, labels)
+    return Scores.from_columns(floats.to(x.device), ints.to(x.device), E, labels is not None)
+
+
+def _score_stream(stream: Iterable, labels, backend: str) -> Scores:
+    acc = None
+    for i, item in enumerate(stream):
+        x = as_tensor(item, f"stream item {i}")
+        if x.dim() == 2:
+            x = x[None]
+        check_logits(x, 3, f"stream item {i}")
+        if acc is None:
+            acc = Accumulator(x.shape[1], x.shape[2], labels=labels, device=x.device, backend=backend)
+        elif x.shape[1:] != (acc.num_samples, acc.num_classes):
+            raise ValueError(
+                f"stream item {i}: shape {tuple(x.shape)} does not match the first item's "
+                f"[{acc.num_samples}, {acc.num_classes}]"
+            )
+        for member in x:
+            acc.update(member, start=0)
+    if acc is None:
+        raise ValueError("logits: the stream is empty (no members)")
+    return acc.finalize()

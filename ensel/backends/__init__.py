@@ -1,0 +1,72 @@
+"""The backend registry.
+
+A backend computes the fused scores of an [E, N, K] block and updates/finalizes a StreamState.
+`resolve("auto", device)` picks the first registered backend that runs on the device, is
+available, and has passed the test suite on real hardware of its kind (`verified`); an explicitly
+named backend that cannot run raises. The environment variable ENSEL_BACKEND replaces "auto".
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import torch
+
+from .._state import StreamState
+
+
+class Backend(Protocol):
+    name: str
+    device_types: frozenset[str]
+    verified: bool  # eligible for "auto"
+
+    def available(self) -> bool: ...
+
+    def fused(self, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed (floats [8, N] float32, ints [3, N] int64) scores of valid-shaped [E, N, K] logits;
+        raises the contract's ValueError on invalid values."""
+
+    def update(self, state: StreamState, logits: torch.Tensor, start: int) -> None:
+        """Adds one member's [B, K] rows at [start, start + B), all or nothing."""
+
+    def finalize(self, state: StreamState, num_members: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed scores of a state in which every sample has seen num_members members."""
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Adds a backend; registration order is the order of preference for "auto"."""
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def resolve(name: str | None, device: torch.device) -> Backend:
+    name = name or "auto"
+    if name == "auto":
+        name = os.environ.get("ENSEL_BACKEND", "auto") or "auto"
+    if name == "auto":
+        for backend in _REGISTRY.values():
+            if device.type in backend.device_types and backend.verified and backend.available():
+                return backend
+        raise RuntimeError(f"ensel: no backend available for {device.type} tensors")  # unreachable: reference
+    if name not in _REGISTRY:
+        raise ValueError(f"backend={name!r}: unknown; choose 'auto' or one of {names()}")
+    backend = _REGISTRY[name]
+    if device.type not in backend.device_types:
+        raise ValueError(f"backend={name!r} runs on {sorted(backend.device_types)} tensors, not {device.type}")
+    if not backend.available():
+        raise RuntimeError(f"backend={name!r} is not available in this installation ({backend.why_unavailable()})")
+    return backend
+
+
+from . import cpu, reference  # noqa: E402  (registration order = preference)
+
+register(cpu.CpuBackend())
+register(reference.ReferenceBackend())

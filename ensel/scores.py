@@ -1,0 +1,81 @@
+"""`Scores`: every score of the contract for N samples, and deterministic top-k selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._fields import ALL_FIELDS, DIRECTION, FLOAT_FIELDS, INT_FIELDS, LABEL_FIELDS
+
+
+@dataclass(frozen=True, eq=False)
+class Scores:
+    """Per-sample scores ([N] tensors on the input's device); the label fields are None without
+    labels. Float scores are float32, `mode`, `mode_votes` and `forgetting` int64."""
+
+    num_members: int
+    entropy: torch.Tensor
+    mean_entropy: torch.Tensor
+    mutual_info: torch.Tensor
+    mode: torch.Tensor
+    mode_votes: torch.Tensor
+    variation_ratio: torch.Tensor
+    margin: torch.Tensor
+    least_confidence: torch.Tensor
+    error_count: torch.Tensor | None = None
+    forgetting: torch.Tensor | None = None
+    nll: torch.Tensor | None = None
+
+    @classmethod
+    def from_columns(cls, floats: torch.Tensor, ints: torch.Tensor, num_members: int, has_labels: bool) -> Scores:
+        """From a kernel's packed outputs: floats [len(FLOAT_FIELDS), N], ints [len(INT_FIELDS), N]."""
+        values = dict(zip(FLOAT_FIELDS, floats))
+        values.update(zip(INT_FIELDS, ints))
+        if not has_labels:
+            for name in LABEL_FIELDS:
+                values[name] = None
+        return cls(num_members=num_members, **values)
+
+    @property
+    def num_samples(self) -> int:
+        return self.entropy.shape[0]
+
+    @property
+    def has_labels(self) -> bool:
+        return self.nll is not None
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """The available scores by name, in the contract's order."""
+        return {name: getattr(self, name) for name in ALL_FIELDS if getattr(self, name) is not None}
+
+    def top(self, k: int, by: str, exclude_top: float = 0.0) -> torch.Tensor:
+        """Indices (int64, on the scores' device) of the k samples to acquire by score `by`.
+
+        The most uncertain come first: the highest values, or the lowest for `margin`. Equal scores
+        are taken in increasing sample index, so the selection is deterministic. `exclude_top`
+        skips that fraction of the most uncertain samples first, as outliers (paper, Table 5):
+        floor(exclude_top * N) of them.
+        """
+        if by not in DIRECTION:
+            known = ", ".join(sorted(DIRECTION))
+            raise ValueError(f"top(by={by!r}): not an acquisition score; choose one of {known}")
+        values = getattr(self, by)
+        if values is None:
+            raise ValueError(f"top(by={by!r}): this score needs labels; pass labels= when scoring")
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"top(k={k!r}): k must be an int")
+        if not 0.0 <= exclude_top < 1.0:
+            raise ValueError(f"top(exclude_top={exclude_top!r}): expected a fraction in [0, 1)")
+        n = self.num_samples
+        skip = int(exclude_top * n)
+        if not 0 <= k <= n - skip:
+            raise ValueError(f"top(k={k}): there are {n} samples, {skip} of them excluded as outliers")
+        # A stable sort keeps equal scores in index order.
+        order = torch.sort(values, descending=DIRECTION[by] == "high", stable=True).indices
+        return order[skip : skip + k]
+
+    def __repr__(self) -> str:
+        names = ", ".join(self.to_dict())
+        return f"Scores(num_samples={self.num_samples}, num_members={self.num_members}, fields=[{names}])"
+
