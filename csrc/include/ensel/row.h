@@ -75,15 +75,17 @@ ENSEL_HD Status process_row(const T* row, int64_t K, float* scratch, float* pbar
   const Status status = check_row(row, K, m);
   if (status != kOk) return status;
 
-  int64_t a = 0;
-  while (to_float(row[a]) != m) ++a;  // first maximum: ties go to the lowest index
-
   // exp(-104) flushes to 0, and 0 * -104 = 0, where -inf would give 0 * -inf = NaN.
+  // The argmax is the first k with l_k = m (ties go to the lowest index), as a min reduction.
   const float kFloor = -104.0f;
   float s = 0.0f, t = 0.0f;
-  ENSEL_SIMD(reduction(+ : s, t))
-  for (int64_t k = 0; k < K; ++k) {
+  const int32_t k_classes = static_cast<int32_t>(K);  // class indices fit in int32 (as argmaxes do)
+  int32_t a = k_classes;
+  ENSEL_SIMD(reduction(+ : s, t) reduction(min : a))
+  for (int32_t k = 0; k < k_classes; ++k) {
     float d = to_float(row[k]) - m;
+    const int32_t candidate = d == 0.0f ? k : k_classes;
+    a = candidate < a ? candidate : a;
     d = d < kFloor ? kFloor : d;
     const float ex = exp_approx(d);
     scratch[k] = ex;
@@ -98,7 +100,7 @@ ENSEL_HD Status process_row(const T* row, int64_t K, float* scratch, float* pbar
   r.log_sum = logf(s);
   const float h = r.log_sum - t * inv_s;
   r.entropy = h > 0.0f ? h : 0.0f;  // rounding can leave -1 ulp on one-hot rows
-  r.argmax = static_cast<int32_t>(a);
+  r.argmax = a;
   return kOk;
 }
 

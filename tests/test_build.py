@@ -1,0 +1,51 @@
+"""The wheel's layout and the compiled module's linkage, checked on a real build."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel_files(tmp_path_factory) -> list[str]:
+    out = tmp_path_factory.mktemp("wheel")
+    cmd = [
+        sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-build-isolation", "--no-deps",
+        "--disable-pip-version-check", "-q", "-w", str(out), "-C", f"build-dir={out / 'build'}",
+        # The layout is what is tested here; CUDA compilation is covered where it matters.
+        "-C", "cmake.define.ENSEL_CUDA=OFF",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    (wheel,) = out.glob("ensel-*.whl")
+    return zipfile.ZipFile(wheel).namelist()
+
+
+def test_wheel_ships_kernels_inside_the_package(wheel_files):
+    assert "ensel/kernels/__init__.py" in wheel_files
+    assert not any(name.startswith("kernels/") for name in wheel_files), "a top-level `kernels` would clash on PyPI"
+
+
+def test_wheel_has_the_module_and_the_api(wheel_files):
+    assert any(name.startswith("ensel/_C.") and name.endswith(".so") for name in wheel_files)
+    for module in ("__init__", "api", "accumulator", "scores", "reference", "backends/__init__"):
+        assert f"ensel/{module}.py" in wheel_files
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="readelf (binutils) is not installed")
+def test_module_does_not_link_libtorch():
+    from ensel import _C
+
+    needed = subprocess.run(["readelf", "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+    assert "NEEDED" in needed
+    assert "torch" not in needed and "c10" not in needed
+
+
+def test_cuda_is_compiled_in_when_nvcc_exists():
+    from ensel import _C
+
+    assert _C.cuda_compiled == (shutil.which("nvcc") is not None)
