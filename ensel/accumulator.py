@@ -84,7 +84,7 @@ class Accumulator:
         if isinstance(start, bool) or not isinstance(start, int):
             raise TypeError(f"start: expected an int, got {type(start).__name__}")
         rows = x.shape[0]
-        if not (0 <= start < s.num_samples and start + rows <= s.num_samples) and rows > 0:
+        if not (0 <= start < s.num_samples and start + rows <= s.num_samples):
             raise ValueError(
                 f"start={start}: rows [{start}, {start + rows}) are outside [0, {s.num_samples})"
             )

@@ -4,6 +4,7 @@
 #include "score_cpu.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
@@ -76,7 +77,8 @@ __attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t 
         const int64_t n = t0 + b;
         const T* row = rows.row(e, n);
         RowResult r;
-        const Status st = process_row(row, K, scratch.data(), pbar.data() + b * K, r);
+        const int64_t y = labels != nullptr ? labels[n] : -1;
+        const Status st = process_row(row, K, y, scratch.data(), pbar.data() + b * K, r);
         if (st != kOk) {
           status[b] = st;
           bad_member[b] = e;
@@ -84,10 +86,7 @@ __attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t 
         }
         argmax[b * E + e] = r.argmax;
         entropy_sum[b] += r.entropy;
-        if (labels != nullptr) {
-          const int64_t y = labels[n];
-          observe_label(label_state[b], r.argmax, y, (to_float(row[y]) - r.max) - r.log_sum);
-        }
+        if (y >= 0) observe_label(label_state[b], r.argmax, y, r.log_p_label);
       }
     }
     for (int64_t b = 0; b < nb; ++b) {
@@ -106,12 +105,134 @@ __attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t 
   return first;
 }
 
+// Small K: rows are too short to vectorize along classes (K = 10 would leave 6 of 16 AVX-512
+// lanes idle, and every row would pay for horizontal reductions). Instead each SIMD lane owns a
+// sample: a tile of kLanes samples is transposed to [K][kLanes] floats, and the row math runs
+// lane-parallel with k as the outer loop. (float64 input takes the per-row path, which compares
+// in float64.)
+constexpr int64_t kLanes = 32;
+constexpr int64_t kLanesUpToK = 128;
+
+template <typename T>
+__attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, int64_t E, int64_t K,
+                                                                const int64_t* labels, ScoreOutputs out,
+                                                                int64_t begin, int64_t end) {
+  constexpr int64_t B = kLanes;
+  std::vector<float> x(K * B, 0.0f), pbar(K * B);
+  std::vector<int32_t> argmax(B * E), counts(K, 0);
+  float m[B], s[B], t[B], inv_s[B], log_s[B], entropy_sum[B], neg_h[B], top1[B], top2[B];
+  int32_t bad[B], a[B];
+  LabelState label_state[B];
+  Status status[B];
+  int64_t bad_member[B];
+  const int32_t k_classes = static_cast<int32_t>(K);
+  const float inv_e = 1.0f / static_cast<float>(E);
+  Failure first;
+
+  for (int64_t t0 = begin; t0 < end; t0 += B) {
+    const int64_t nb = std::min(B, end - t0);  // lanes >= nb compute on stale finite values, unused
+    std::fill(pbar.begin(), pbar.end(), 0.0f);
+    for (int64_t b = 0; b < B; ++b) {
+      entropy_sum[b] = 0.0f;
+      label_state[b] = empty_label_state();
+      status[b] = kOk;
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const T* row = rows.row(e, t0 + b);
+        for (int64_t k = 0; k < K; ++k) x[k * B + b] = to_float(row[k]);
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        m[b] = -kInf;
+        bad[b] = 0;
+        s[b] = t[b] = 0.0f;
+        a[b] = k_classes;
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const float* xk = &x[k * B];
+        ENSEL_SIMD()
+        for (int64_t b = 0; b < B; ++b) {
+          m[b] = xk[b] > m[b] ? xk[b] : m[b];
+          bad[b] |= !(xk[b] < kInf);
+        }
+      }
+      for (int32_t k = 0; k < k_classes; ++k) {
+        float* xk = &x[k * B];
+        ENSEL_SIMD()
+        for (int64_t b = 0; b < B; ++b) {
+          a[b] = xk[b] == m[b] && a[b] == k_classes ? k : a[b];  // first maximum
+          const float d = shifted_logit(xk[b] - m[b]);
+          const float ex = exp_approx(d);
+          xk[b] = ex;
+          s[b] += ex;
+          t[b] += ex * d;
+        }
+      }
+      ENSEL_SIMD()
+      for (int64_t b = 0; b < B; ++b) {
+        inv_s[b] = 1.0f / s[b];
+        log_s[b] = logf(s[b]);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const float* xk = &x[k * B];
+        float* pk = &pbar[k * B];
+        ENSEL_SIMD()
+        for (int64_t b = 0; b < B; ++b) pk[b] += xk[b] * inv_s[b];
+      }
+      for (int64_t b = 0; b < nb; ++b) {
+        if (status[b] != kOk) continue;
+        const int64_t n = t0 + b;
+        const T* row = rows.row(e, n);
+        compute_t<T> unused;
+        const Status st = bad[b] ? check_row(row, K, unused) : (m[b] == -kInf ? kAllNegInf : kOk);
+        if (st != kOk) {
+          status[b] = st;
+          bad_member[b] = e;
+          continue;
+        }
+        argmax[b * E + e] = a[b];
+        entropy_sum[b] += member_entropy(log_s[b], t[b], inv_s[b]);
+        if (labels != nullptr) {
+          const int64_t y = labels[n];
+          observe_label(label_state[b], a[b], y, (to_float(row[y]) - m[b]) - log_s[b]);
+        }
+      }
+    }
+    // pbar's entropy and two largest entries, lane-parallel (ties: top2 = top1, margin 0).
+    for (int64_t b = 0; b < B; ++b) neg_h[b] = top1[b] = top2[b] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* pk = &pbar[k * B];
+      ENSEL_SIMD()
+      for (int64_t b = 0; b < B; ++b) {
+        const float p = pk[b] * inv_e;
+        neg_h[b] += xlogx(p);
+        const bool above1 = p > top1[b];
+        top2[b] = above1 ? top1[b] : (p > top2[b] ? p : top2[b]);
+        top1[b] = above1 ? p : top1[b];
+      }
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t n = t0 + b;
+      if (status[b] != kOk) {
+        const Failure f{status[b], bad_member[b], n};
+        if (earlier(f, first)) first = f;
+        continue;
+      }
+      int32_t mode, votes;
+      mode_of(argmax.data() + b * E, 1, static_cast<int32_t>(E), counts.data(), mode, votes);
+      write_scores(out, n, K, static_cast<int32_t>(E), PbarSummary{neg_h[b], top1[b], top2[b]}, entropy_sum[b],
+                   mode, votes, labels != nullptr ? &label_state[b] : nullptr);
+    }
+  }
+  return first;
+}
+
 template <typename T>
 __attribute__((always_inline)) inline Failure check_range(const StreamState& s, Rows<T> rows, int64_t K,
                                                           int64_t start, int64_t begin, int64_t end) {
   Failure first;
   for (int64_t i = begin; i < end; ++i) {
-    float m;
+    compute_t<T> m;
     const Status st = check_row(rows.row(0, i), K, m);
     const Failure f{st, s.members[start + i], start + i};
     if (earlier(f, first)) first = f;
@@ -128,14 +249,14 @@ __attribute__((always_inline)) inline void update_range(const StreamState& s, Ro
     const int64_t n = start + i;
     const T* row = rows.row(0, i);
     RowResult r;
-    process_row(row, K, scratch.data(), s.pbar_sum + n * K, r);  // validated by check_range
+    const int64_t y = s.labels != nullptr ? s.labels[n] : -1;
+    process_row(row, K, y, scratch.data(), s.pbar_sum + n * K, r);  // validated by check_range
     s.entropy_sum[n] += r.entropy;
     s.argmax_history[static_cast<int64_t>(s.members[n]) * N + n] = r.argmax;
     s.members[n] += 1;
-    if (s.labels != nullptr) {
-      const int64_t y = s.labels[n];
+    if (y >= 0) {
       LabelState st = s.load_label_state(n);
-      observe_label(st, r.argmax, y, (to_float(row[y]) - r.max) - r.log_sum);
+      observe_label(st, r.argmax, y, r.log_p_label);
       s.store_label_state(n, st);
     }
   }
@@ -145,7 +266,8 @@ __attribute__((always_inline)) inline void update_range(const StreamState& s, Ro
 #define ENSEL_CPU_KERNELS(T, SUFFIX)                                                                 \
   ENSEL_TARGET_CLONES Failure fused_##SUFFIX(Rows<T> rows, int64_t E, int64_t K, const int64_t* labels, \
                                              ScoreOutputs out, int64_t begin, int64_t end) {           \
-    return fused_range<T>(rows, E, K, labels, out, begin, end);                                        \
+    return K <= kLanesUpToK && !std::is_same<T, double>::value ? fused_range_lanes<T>(rows, E, K, labels, out, begin, end)                \
+                            : fused_range<T>(rows, E, K, labels, out, begin, end);                     \
   }                                                                                                    \
   ENSEL_TARGET_CLONES Failure check_##SUFFIX(const StreamState& s, Rows<T> rows, int64_t K,             \
                                              int64_t start, int64_t begin, int64_t end) {              \

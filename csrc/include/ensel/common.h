@@ -66,4 +66,26 @@ ENSEL_HD float to_float(Half x) {
   return float_from_bits(result);
 }
 
+// Comparisons (max, argmax, validity) run in the input's own precision: float64 logits that differ
+// only beyond float32's precision or range keep their order. Everything after l - m is float32.
+template <typename T>
+struct ComputeType {
+  using type = float;
+};
+template <>
+struct ComputeType<double> {
+  using type = double;
+};
+template <typename T>
+using compute_t = typename ComputeType<T>::type;
+
+template <typename T>
+ENSEL_HD compute_t<T> to_compute(T x) {
+  return to_float(x);
+}
+template <>
+ENSEL_HD double to_compute<double>(double x) {
+  return x;
+}
+
 }  // namespace ensel

@@ -40,66 +40,92 @@ struct ScoreOutputs {
 
 // Validates a row without computing anything else: NaN, +inf or all -inf are invalid.
 template <typename T>
-ENSEL_HD Status check_row(const T* row, int64_t K, float& row_max) {
-  float m = -kInf;
+ENSEL_HD Status check_row(const T* row, int64_t K, compute_t<T>& row_max) {
+  using C = compute_t<T>;
+  const C inf = static_cast<C>(kInf);
+  C m = -inf;
   int32_t bad = 0;
   ENSEL_SIMD(reduction(max : m) reduction(| : bad))
   for (int64_t k = 0; k < K; ++k) {
-    const float x = to_float(row[k]);
+    const C x = to_compute(row[k]);
     m = x > m ? x : m;
-    bad |= !(x < kInf);  // true for +inf and NaN
+    bad |= !(x < inf);  // true for +inf and NaN
   }
   if (bad) {
     for (int64_t k = 0; k < K; ++k) {  // the rare path: name the first offending value
-      const float x = to_float(row[k]);
+      const C x = to_compute(row[k]);
       if (x != x) return kNaN;
-      if (x == kInf) return kPosInf;
+      if (x == inf) return kPosInf;
     }
   }
   row_max = m;
-  return m == -kInf ? kAllNegInf : kOk;
+  return m == -inf ? kAllNegInf : kOk;
 }
 
+// l - m, floored so that exp flushes to exactly 0 and 0 * (l - m) stays 0 for l = -inf
+// (where 0 * -inf would be NaN).
+ENSEL_HD float shifted_logit(float d) {
+  const float kFloor = -104.0f;
+  return d < kFloor ? kFloor : d;
+}
+
+// H(p_e) = log s - t / s; rounding can leave -1 ulp on one-hot rows, hence the clamp.
+ENSEL_HD float member_entropy(float log_s, float t, float inv_s) {
+  const float h = log_s - t * inv_s;
+  return h > 0.0f ? h : 0.0f;
+}
+
+// Length of the blocks whose float32 partial sums are added up in double.
+constexpr int32_t kSumBlock = 256;
+
 struct RowResult {
-  float max;       // m
   float log_sum;   // log s
+  float log_p_label;  // log p_e,y when a label was given
   float entropy;   // H(p_e)
   int32_t argmax;  // a_e
 };
 
-// One member's row: validates it, adds p_e into pbar_sum[0..K) and fills `r`.
-// `scratch` holds K floats (the exponentials, so exp is evaluated once per logit).
+// One member's row: validates it, adds p_e into pbar_sum[0..K) and fills `r` (log p_e,y too when
+// label >= 0). `scratch` holds K floats (the exponentials, so exp is evaluated once per logit).
 template <typename T>
-ENSEL_HD Status process_row(const T* row, int64_t K, float* scratch, float* pbar_sum, RowResult& r) {
-  float m;
+ENSEL_HD Status process_row(const T* row, int64_t K, int64_t label, float* scratch, float* pbar_sum,
+                            RowResult& r) {
+  using C = compute_t<T>;
+  C m;
   const Status status = check_row(row, K, m);
   if (status != kOk) return status;
 
-  // exp(-104) flushes to 0, and 0 * -104 = 0, where -inf would give 0 * -inf = NaN.
   // The argmax is the first k with l_k = m (ties go to the lowest index), as a min reduction.
-  const float kFloor = -104.0f;
-  float s = 0.0f, t = 0.0f;
+  // Sums run in blocks added up in double: 33000 equal terms summed in float32 lanes would
+  // drift by 1e-3 (each rounding errs the same way).
+  double s_total = 0.0, t_total = 0.0;
   const int32_t k_classes = static_cast<int32_t>(K);  // class indices fit in int32 (as argmaxes do)
   int32_t a = k_classes;
-  ENSEL_SIMD(reduction(+ : s, t) reduction(min : a))
-  for (int32_t k = 0; k < k_classes; ++k) {
-    float d = to_float(row[k]) - m;
-    const int32_t candidate = d == 0.0f ? k : k_classes;
-    a = candidate < a ? candidate : a;
-    d = d < kFloor ? kFloor : d;
-    const float ex = exp_approx(d);
-    scratch[k] = ex;
-    s += ex;
-    t += ex * d;
+  for (int32_t k0 = 0; k0 < k_classes; k0 += kSumBlock) {
+    const int32_t k1 = k_classes - k0 < kSumBlock ? k_classes : k0 + kSumBlock;
+    float s_block = 0.0f, t_block = 0.0f;
+    ENSEL_SIMD(reduction(+ : s_block, t_block) reduction(min : a))
+    for (int32_t k = k0; k < k1; ++k) {
+      const C x = to_compute(row[k]);
+      const int32_t candidate = x == m ? k : k_classes;
+      a = candidate < a ? candidate : a;
+      const float d = shifted_logit(static_cast<float>(x - m));
+      const float ex = exp_approx(d);
+      scratch[k] = ex;
+      s_block += ex;
+      t_block += ex * d;
+    }
+    s_total += s_block;
+    t_total += t_block;
   }
+  const float s = static_cast<float>(s_total), t = static_cast<float>(t_total);
   const float inv_s = 1.0f / s;
   ENSEL_SIMD()
   for (int64_t k = 0; k < K; ++k) pbar_sum[k] += scratch[k] * inv_s;
 
-  r.max = m;
   r.log_sum = logf(s);
-  const float h = r.log_sum - t * inv_s;
-  r.entropy = h > 0.0f ? h : 0.0f;  // rounding can leave -1 ulp on one-hot rows
+  if (label >= 0) r.log_p_label = static_cast<float>(to_compute(row[label]) - m) - r.log_sum;
+  r.entropy = member_entropy(r.log_sum, t, inv_s);
   r.argmax = a;
   return kOk;
 }
@@ -146,31 +172,43 @@ ENSEL_HD void mode_of(const int32_t* argmax, int64_t stride, int32_t E, int32_t*
   votes = best_votes;
 }
 
-// Turns one sample's sums over its E members into the contract's scores (column n of `out`).
-ENSEL_HD void finalize_sample(const float* pbar_sum, int64_t K, int32_t E, float entropy_sum,
-                              int32_t mode, int32_t votes, const LabelState* label_state,
-                              ScoreOutputs out, int64_t n) {
-  const float inv_e = 1.0f / static_cast<float>(E);
-  float neg_h = 0.0f, top1 = 0.0f;
-  ENSEL_SIMD(reduction(+ : neg_h) reduction(max : top1))
-  for (int64_t k = 0; k < K; ++k) {
-    const float p = pbar_sum[k] * inv_e;
-    neg_h += xlogx(p);
-    top1 = p > top1 ? p : top1;
-  }
-  float margin = 1.0f;  // K = 1: the contract's value
-  if (K > 1) {
-    int64_t i1 = 0;
-    while (pbar_sum[i1] * inv_e != top1) ++i1;
-    float top2 = 0.0f;
-    ENSEL_SIMD(reduction(max : top2))
-    for (int64_t k = 0; k < K; ++k) {
-      const float p = k == i1 ? 0.0f : pbar_sum[k] * inv_e;
-      top2 = p > top2 ? p : top2;
+// What the scores need from pbar: -H(pbar) and its two largest entries.
+struct PbarSummary {
+  float neg_entropy;  // sum_k pbar_k log pbar_k
+  float top1, top2;
+};
+
+// The summary of pbar = pbar_sum / E, for a contiguous row of K sums.
+ENSEL_HD PbarSummary summarize_pbar(const float* pbar_sum, int64_t K, float inv_e) {
+  double neg_h = 0.0;  // in blocks, as in process_row
+  float top1 = 0.0f;
+  for (int64_t k0 = 0; k0 < K; k0 += kSumBlock) {
+    const int64_t k1 = K - k0 < kSumBlock ? K : k0 + kSumBlock;
+    float block = 0.0f;
+    ENSEL_SIMD(reduction(+ : block) reduction(max : top1))
+    for (int64_t k = k0; k < k1; ++k) {
+      const float p = pbar_sum[k] * inv_e;
+      block += xlogx(p);
+      top1 = p > top1 ? p : top1;
     }
-    margin = top1 - top2;
+    neg_h += block;
   }
-  const float entropy = -neg_h > 0.0f ? -neg_h : 0.0f;
+  int64_t i1 = 0;
+  while (pbar_sum[i1] * inv_e != top1) ++i1;
+  float top2 = 0.0f;
+  ENSEL_SIMD(reduction(max : top2))
+  for (int64_t k = 0; k < K; ++k) {
+    const float p = k == i1 ? 0.0f : pbar_sum[k] * inv_e;
+    top2 = p > top2 ? p : top2;
+  }
+  return PbarSummary{static_cast<float>(neg_h), top1, top2};
+}
+
+// The contract's scores of sample n (column n of `out`) from its sums over E members.
+ENSEL_HD void write_scores(ScoreOutputs out, int64_t n, int64_t K, int32_t E, PbarSummary pbar,
+                           float entropy_sum, int32_t mode, int32_t votes, const LabelState* label_state) {
+  const float inv_e = 1.0f / static_cast<float>(E);
+  const float entropy = -pbar.neg_entropy > 0.0f ? -pbar.neg_entropy : 0.0f;
   const float mean_entropy = entropy_sum * inv_e;
   const float mi = entropy - mean_entropy;
   float* f = out.floats + n;
@@ -180,8 +218,8 @@ ENSEL_HD void finalize_sample(const float* pbar_sum, int64_t K, int32_t E, float
   f[kMutualInfo * s] = mi > 0.0f ? mi : 0.0f;
   // (E - v) / E is one correctly rounded division: bit-identical in every backend.
   f[kVariationRatio * s] = static_cast<float>(E - votes) / static_cast<float>(E);
-  f[kMargin * s] = margin;
-  f[kLeastConfidence * s] = 1.0f - top1;
+  f[kMargin * s] = K > 1 ? pbar.top1 - pbar.top2 : 1.0f;  // K = 1: the contract's value
+  f[kLeastConfidence * s] = 1.0f - pbar.top1;
   if (label_state != nullptr) {
     f[kErrorCount * s] = static_cast<float>(E - label_state->correct) / static_cast<float>(E);
     f[kNll * s] = label_state->nll_max == -kInf
@@ -192,6 +230,14 @@ ENSEL_HD void finalize_sample(const float* pbar_sum, int64_t K, int32_t E, float
   i[kMode * s] = mode;
   i[kModeVotes * s] = votes;
   i[kForgetting * s] = label_state != nullptr ? label_state->forgetting : 0;
+}
+
+// Turns one sample's sums over its E members into the contract's scores (column n of `out`).
+ENSEL_HD void finalize_sample(const float* pbar_sum, int64_t K, int32_t E, float entropy_sum,
+                              int32_t mode, int32_t votes, const LabelState* label_state,
+                              ScoreOutputs out, int64_t n) {
+  const PbarSummary pbar = summarize_pbar(pbar_sum, K, 1.0f / static_cast<float>(E));
+  write_scores(out, n, K, E, pbar, entropy_sum, mode, votes, label_state);
 }
 
 }  // namespace ensel
