@@ -2,9 +2,13 @@
 // (as integers), shapes, strides in elements and dtype codes; nothing here links libtorch.
 #include <pybind11/pybind11.h>
 
+#include <string>
 #include <tuple>
 
 #include "cpu/score_cpu.h"
+#ifdef ENSEL_WITH_CUDA
+#include "cuda/runtime.h"
+#endif
 
 namespace py = pybind11;
 using ensel::Failure;
@@ -51,6 +55,15 @@ PYBIND11_MODULE(_C, m) {
   m.attr("num_int_fields") = static_cast<int>(ensel::kNumIntFields);
 #ifdef ENSEL_WITH_CUDA
   m.attr("cuda_compiled") = true;
+  m.def("cuda_runtime_version", &ensel::cuda_runtime_version, "CUDART_VERSION the module was built with.");
+  m.def(
+      "cuda_device_count",
+      [] {
+        const char* error = nullptr;
+        const int count = ensel::cuda_device_count(&error);
+        return std::make_tuple(count, error == nullptr ? std::string() : std::string(error));
+      },
+      "(visible CUDA devices, the runtime's error message or '').");
 #else
   m.attr("cuda_compiled") = false;
 #endif

@@ -45,7 +45,42 @@ def test_module_does_not_link_libtorch():
     assert "torch" not in needed and "c10" not in needed
 
 
+NVCC = shutil.which("nvcc")
+
+
 def test_cuda_is_compiled_in_when_nvcc_exists():
     from ensel import _C
 
-    assert _C.cuda_compiled == (shutil.which("nvcc") is not None)
+    assert _C.cuda_compiled == (NVCC is not None)
+
+
+def _cuobjdump() -> str | None:
+    """cuobjdump from PATH, the CUDA toolkit beside nvcc, or the copy that triton ships."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    candidates = [Path("/usr/local/cuda/bin/cuobjdump"), *Path("/usr/local").glob("cuda-*/bin/cuobjdump")]
+    try:
+        import triton
+
+        candidates.append(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump")
+    except ImportError:
+        pass
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the module was built without CUDA")
+def test_cuda_runtime_is_linked_and_answers_without_a_gpu():
+    from ensel import _C
+
+    assert _C.cuda_runtime_version() >= 12000
+    count, error = _C.cuda_device_count()  # no GPU here: an error message, not a crash
+    assert count > 0 or error
+
+
+@pytest.mark.skipif(NVCC is None or _cuobjdump() is None, reason="needs nvcc and cuobjdump")
+def test_cuda_objects_target_sm80_and_sm90():
+    from ensel import _C
+
+    listing = subprocess.run([_cuobjdump(), "--list-elf", _C.__file__], capture_output=True, text=True, check=True)
+    assert "sm_80" in listing.stdout and "sm_90" in listing.stdout, listing.stdout
