@@ -24,6 +24,35 @@ def _check_count(value, what: str, minimum: int) -> int:
     return value
 
 
+def _check_state_values(path, payload: dict, num_classes: int) -> None:
+    """Refuse a state whose values the kernels would trust: an argmax outside [0, K) or a member
+    count beyond the history would make them read or write out of bounds."""
+
+    def refuse(what: str):
+        raise ValueError(f"{path}: corrupted state ({what})")
+
+    members, history = payload["members"].long(), payload["argmax_history"]
+    if members.numel() == 0:
+        return
+    if int(members.min()) < 0 or int(members.max()) > history.shape[0]:
+        refuse("member counts outside [0, length of the argmax history]")
+    used = torch.arange(history.shape[0])[:, None] < members[None, :]
+    votes = history[used]
+    if votes.numel() and (int(votes.min()) < 0 or int(votes.max()) >= num_classes):
+        refuse(f"an argmax outside [0, {num_classes})")
+    correct, forgetting = payload["correct"].long(), payload["forgetting"].long()
+    if bool(((correct < 0) | (correct > members)).any()) or bool(((forgetting < 0) | (forgetting > members)).any()):
+        refuse("correct or forgetting counts outside [0, members]")
+    if not bool(((payload["last_correct"] == 0) | (payload["last_correct"] == 1)).all()):
+        refuse("last_correct flags other than 0 and 1")
+    for name in ("pbar_sum", "entropy_sum", "nll_sum"):
+        t = payload[name]
+        if not bool((torch.isfinite(t) & (t >= 0)).all()):
+            refuse(f"{name} holds negative or non-finite values")
+    if bool(torch.isnan(payload["nll_max"]).any()) or bool(torch.isposinf(payload["nll_max"]).any()):
+        refuse("nll_max holds NaN or +inf")
+
+
 class Accumulator:
     """Scores built one member at a time, in batches of rows, in any order of batches.
 
@@ -162,9 +191,7 @@ class Accumulator:
             shape, dtype = expected.get(name, ((t.shape[0], n), torch.int32))
             if tuple(t.shape) != shape or t.dtype != dtype:
                 raise ValueError(f"{path}: state field {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
-        members = payload["members"]
-        if n and int(members.max()) > payload["argmax_history"].shape[0]:
-            raise ValueError(f"{path}: inconsistent state (argmax history shorter than the member count)")
+        _check_state_values(path, payload, k)
         s = acc._state
         for name in FIELDS:
             setattr(s, name, payload[name].to(s.device).contiguous())
