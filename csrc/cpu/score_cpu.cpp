@@ -107,30 +107,97 @@ __attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t 
 
 // Small K: rows are too short to vectorize along classes (K = 10 would leave 6 of 16 AVX-512
 // lanes idle, and every row would pay for horizontal reductions). Instead each SIMD lane owns a
-// sample: a tile of kLanes samples is transposed to [K][kLanes] floats, and the row math runs
+// sample: a tile of kLanes rows is transposed to [K][kLanes] floats, and the row math runs
 // lane-parallel with k as the outer loop. (float64 input takes the per-row path, which compares
 // in float64.)
 constexpr int64_t kLanes = 32;
 constexpr int64_t kLanesUpToK = 128;
 
 template <typename T>
+constexpr bool use_lanes(int64_t K) {
+  return !std::is_same<T, double>::value && K <= kLanesUpToK;
+}
+
+// One member's rows for up to kLanes samples: process_row's quantities, one lane per row.
+struct LaneTile {
+  static constexpr int64_t B = kLanes;
+  int64_t K;
+  std::vector<float> x;  // [K][B]: the logits, then exp(l - m)
+  float m[B], s[B], t[B], inv_s[B], log_s[B];
+  int32_t bad[B], a[B];
+
+  explicit LaneTile(int64_t classes) : K(classes), x(classes * B, 0.0f) {}
+
+  // Rows row_of(b) for b < nb; lanes >= nb compute on stale finite values and are never read.
+  template <typename T, typename RowOf>
+  __attribute__((always_inline)) void load(RowOf row_of, int64_t nb) {
+    const int32_t k_classes = static_cast<int32_t>(K);
+    for (int64_t b = 0; b < nb; ++b) {
+      const T* row = row_of(b);
+      for (int64_t k = 0; k < K; ++k) x[k * B + b] = to_float(row[k]);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      m[b] = -kInf;
+      bad[b] = 0;
+      s[b] = t[b] = 0.0f;
+      a[b] = k_classes;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const float* xk = &x[k * B];
+      ENSEL_SIMD()
+      for (int64_t b = 0; b < B; ++b) {
+        m[b] = xk[b] > m[b] ? xk[b] : m[b];
+        bad[b] |= !(xk[b] < kInf);
+      }
+    }
+    for (int32_t k = 0; k < k_classes; ++k) {
+      float* xk = &x[k * B];
+      ENSEL_SIMD()
+      for (int64_t b = 0; b < B; ++b) {
+        a[b] = xk[b] == m[b] && a[b] == k_classes ? k : a[b];  // first maximum
+        const float d = shifted_logit(xk[b] - m[b]);
+        const float ex = exp_approx(d);
+        xk[b] = ex;
+        s[b] += ex;
+        t[b] += ex * d;
+      }
+    }
+    ENSEL_SIMD()
+    for (int64_t b = 0; b < B; ++b) {
+      inv_s[b] = 1.0f / s[b];
+      log_s[b] = logf(s[b]);
+    }
+  }
+
+  template <typename T>
+  Status status(int64_t b, const T* row) const {
+    compute_t<T> unused;
+    return bad[b] ? check_row(row, K, unused) : (m[b] == -kInf ? kAllNegInf : kOk);
+  }
+  float entropy(int64_t b) const { return member_entropy(log_s[b], t[b], inv_s[b]); }
+  template <typename T>
+  float log_p(int64_t b, const T* row, int64_t label) const {
+    return (to_float(row[label]) - m[b]) - log_s[b];
+  }
+};
+
+template <typename T>
 __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, int64_t E, int64_t K,
                                                                 const int64_t* labels, ScoreOutputs out,
                                                                 int64_t begin, int64_t end) {
   constexpr int64_t B = kLanes;
-  std::vector<float> x(K * B, 0.0f), pbar(K * B);
+  LaneTile tile(K);
+  std::vector<float> pbar(K * B);
   std::vector<int32_t> argmax(B * E), counts(K, 0);
-  float m[B], s[B], t[B], inv_s[B], log_s[B], entropy_sum[B], neg_h[B], top1[B], top2[B];
-  int32_t bad[B], a[B];
+  float entropy_sum[B], neg_h[B], top1[B], top2[B];
   LabelState label_state[B];
   Status status[B];
   int64_t bad_member[B];
-  const int32_t k_classes = static_cast<int32_t>(K);
   const float inv_e = 1.0f / static_cast<float>(E);
   Failure first;
 
   for (int64_t t0 = begin; t0 < end; t0 += B) {
-    const int64_t nb = std::min(B, end - t0);  // lanes >= nb compute on stale finite values, unused
+    const int64_t nb = std::min(B, end - t0);
     std::fill(pbar.begin(), pbar.end(), 0.0f);
     for (int64_t b = 0; b < B; ++b) {
       entropy_sum[b] = 0.0f;
@@ -138,64 +205,26 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
       status[b] = kOk;
     }
     for (int64_t e = 0; e < E; ++e) {
-      for (int64_t b = 0; b < nb; ++b) {
-        const T* row = rows.row(e, t0 + b);
-        for (int64_t k = 0; k < K; ++k) x[k * B + b] = to_float(row[k]);
-      }
-      for (int64_t b = 0; b < B; ++b) {
-        m[b] = -kInf;
-        bad[b] = 0;
-        s[b] = t[b] = 0.0f;
-        a[b] = k_classes;
-      }
+      tile.load<T>([&](int64_t b) { return rows.row(e, t0 + b); }, nb);
       for (int64_t k = 0; k < K; ++k) {
-        const float* xk = &x[k * B];
-        ENSEL_SIMD()
-        for (int64_t b = 0; b < B; ++b) {
-          m[b] = xk[b] > m[b] ? xk[b] : m[b];
-          bad[b] |= !(xk[b] < kInf);
-        }
-      }
-      for (int32_t k = 0; k < k_classes; ++k) {
-        float* xk = &x[k * B];
-        ENSEL_SIMD()
-        for (int64_t b = 0; b < B; ++b) {
-          a[b] = xk[b] == m[b] && a[b] == k_classes ? k : a[b];  // first maximum
-          const float d = shifted_logit(xk[b] - m[b]);
-          const float ex = exp_approx(d);
-          xk[b] = ex;
-          s[b] += ex;
-          t[b] += ex * d;
-        }
-      }
-      ENSEL_SIMD()
-      for (int64_t b = 0; b < B; ++b) {
-        inv_s[b] = 1.0f / s[b];
-        log_s[b] = logf(s[b]);
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const float* xk = &x[k * B];
+        const float* xk = &tile.x[k * B];
         float* pk = &pbar[k * B];
         ENSEL_SIMD()
-        for (int64_t b = 0; b < B; ++b) pk[b] += xk[b] * inv_s[b];
+        for (int64_t b = 0; b < B; ++b) pk[b] += xk[b] * tile.inv_s[b];
       }
       for (int64_t b = 0; b < nb; ++b) {
         if (status[b] != kOk) continue;
         const int64_t n = t0 + b;
         const T* row = rows.row(e, n);
-        compute_t<T> unused;
-        const Status st = bad[b] ? check_row(row, K, unused) : (m[b] == -kInf ? kAllNegInf : kOk);
+        const Status st = tile.status(b, row);
         if (st != kOk) {
           status[b] = st;
           bad_member[b] = e;
           continue;
         }
-        argmax[b * E + e] = a[b];
-        entropy_sum[b] += member_entropy(log_s[b], t[b], inv_s[b]);
-        if (labels != nullptr) {
-          const int64_t y = labels[n];
-          observe_label(label_state[b], a[b], y, (to_float(row[y]) - m[b]) - log_s[b]);
-        }
+        argmax[b * E + e] = tile.a[b];
+        entropy_sum[b] += tile.entropy(b);
+        if (labels != nullptr) observe_label(label_state[b], tile.a[b], labels[n], tile.log_p(b, row, labels[n]));
       }
     }
     // pbar's entropy and two largest entries, lane-parallel (ties: top2 = top1, margin 0).
@@ -225,6 +254,33 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
     }
   }
   return first;
+}
+
+// The streaming update of rows that check_range has validated, lane-parallel.
+template <typename T>
+__attribute__((always_inline)) inline void update_range_lanes(const StreamState& s, Rows<T> rows, int64_t K,
+                                                              int64_t start, int64_t begin, int64_t end) {
+  constexpr int64_t B = kLanes;
+  LaneTile tile(K);
+  const int64_t N = s.num_samples;
+  for (int64_t t0 = begin; t0 < end; t0 += B) {
+    const int64_t nb = std::min(B, end - t0);
+    tile.load<T>([&](int64_t b) { return rows.row(0, t0 + b); }, nb);
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t n = start + t0 + b;
+      float* p = s.pbar_sum + n * K;
+      for (int64_t k = 0; k < K; ++k) p[k] += tile.x[k * B + b] * tile.inv_s[b];
+      s.entropy_sum[n] += tile.entropy(b);
+      s.argmax_history[static_cast<int64_t>(s.members[n]) * N + n] = tile.a[b];
+      s.members[n] += 1;
+      if (s.labels != nullptr) {
+        const int64_t y = s.labels[n];
+        LabelState st = s.load_label_state(n);
+        observe_label(st, tile.a[b], y, tile.log_p(b, rows.row(0, t0 + b), y));
+        s.store_label_state(n, st);
+      }
+    }
+  }
 }
 
 template <typename T>
@@ -266,7 +322,7 @@ __attribute__((always_inline)) inline void update_range(const StreamState& s, Ro
 #define ENSEL_CPU_KERNELS(T, SUFFIX)                                                                 \
   ENSEL_TARGET_CLONES Failure fused_##SUFFIX(Rows<T> rows, int64_t E, int64_t K, const int64_t* labels, \
                                              ScoreOutputs out, int64_t begin, int64_t end) {           \
-    return K <= kLanesUpToK && !std::is_same<T, double>::value ? fused_range_lanes<T>(rows, E, K, labels, out, begin, end)                \
+    return use_lanes<T>(K) ? fused_range_lanes<T>(rows, E, K, labels, out, begin, end)                  \
                             : fused_range<T>(rows, E, K, labels, out, begin, end);                     \
   }                                                                                                    \
   ENSEL_TARGET_CLONES Failure check_##SUFFIX(const StreamState& s, Rows<T> rows, int64_t K,             \
@@ -275,7 +331,10 @@ __attribute__((always_inline)) inline void update_range(const StreamState& s, Ro
   }                                                                                                    \
   ENSEL_TARGET_CLONES void update_##SUFFIX(const StreamState& s, Rows<T> rows, int64_t K, int64_t start, \
                                            int64_t begin, int64_t end) {                               \
-    update_range<T>(s, rows, K, start, begin, end);                                                    \
+    if (use_lanes<T>(K))                                                                               \
+      update_range_lanes<T>(s, rows, K, start, begin, end);                                            \
+    else                                                                                               \
+      update_range<T>(s, rows, K, start, begin, end);                                                  \
   }
 
 ENSEL_CPU_KERNELS(float, f32)
