@@ -7,9 +7,9 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from . import backends
 from ._inputs import as_tensor, check_labels, check_logits
 from .accumulator import Accumulator
+from .ops import fused_scores
 from .scores import Scores
 
 
@@ -35,8 +35,8 @@ def score(logits, labels=None, *, backend: str = "auto") -> Scores:
         raise ValueError("logits: the ensemble has no members (E = 0)")
     if labels is not None:
         labels = check_labels(labels, N, K, x.device)
-    floats, ints = backends.resolve(backend, x.device).fused(x, labels)
-    return Scores.from_columns(floats.to(x.device), ints.to(x.device), E, labels is not None)
+    floats, ints = fused_scores(x, labels, backend)
+    return Scores.from_columns(floats, ints, E, labels is not None)
 
 
 def _score_stream(stream: Iterable, labels, backend: str) -> Scores:

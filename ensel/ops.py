@@ -1,0 +1,27 @@
+"""The fused scoring kernel as a torch.library op, so `torch.compile` graphs can hold it.
+
+`torch.ops.ensel.fused_scores(logits, labels, backend)` returns the packed float32 [8, N] and
+int64 [3, N] score columns (ensel/_fields.py order); its fake implementation gives their shapes
+without running anything. `ensel.score` validates its arguments, then calls this op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from ._fields import FLOAT_FIELDS, INT_FIELDS
+
+
+@torch.library.custom_op("ensel::fused_scores", mutates_args=())
+def fused_scores(logits: torch.Tensor, labels: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    floats, ints = backends.resolve(backend, logits.device).fused(logits, labels)
+    return floats.to(logits.device), ints.to(logits.device)
+
+
+@fused_scores.register_fake
+def _(logits, labels, backend):
+    n = logits.shape[1]
+    floats = logits.new_empty((len(FLOAT_FIELDS), n), dtype=torch.float32)
+    ints = logits.new_empty((len(INT_FIELDS), n), dtype=torch.int64)
+    return floats, ints
