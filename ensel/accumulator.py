@@ -24,6 +24,12 @@ def _check_count(value, what: str, minimum: int) -> int:
     return value
 
 
+def _max_count(counts: torch.Tensor) -> int:
+    # numpy on CPU: a torch reduction would wake torch's OpenMP workers, which keep spinning
+    # while the kernel's own threads run (170 ms instead of 110 ms for 64 updates on 2 cores).
+    return int(counts.numpy().max()) if counts.device.type == "cpu" else int(counts.max())
+
+
 def _check_state_values(path, payload: dict, num_classes: int) -> None:
     """Refuse a state whose values the kernels would trust: an argmax outside [0, K) or a member
     count beyond the history would make them read or write out of bounds."""
@@ -119,7 +125,7 @@ class Accumulator:
             )
         if rows == 0:
             return
-        s.reserve_history(int(s.members[start : start + rows].max()) + 1)
+        s.reserve_history(_max_count(s.members[start : start + rows]) + 1)
         self._backend.update(s, x, start)
 
     def finalize(self) -> Scores:

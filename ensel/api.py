@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from . import backends
 from ._inputs import as_tensor, check_labels, check_logits
 from .accumulator import Accumulator
 from .ops import fused_scores
@@ -35,7 +36,12 @@ def score(logits, labels=None, *, backend: str = "auto") -> Scores:
         raise ValueError("logits: the ensemble has no members (E = 0)")
     if labels is not None:
         labels = check_labels(labels, N, K, x.device)
-    floats, ints = fused_scores(x, labels, backend)
+    if torch.compiler.is_compiling():
+        floats, ints = fused_scores(x, labels, backend)  # opaque to the tracer, shaped by its fake
+    else:
+        # Eagerly the op's wrapper adds nothing but a one-time second of torch._dynamo import.
+        floats, ints = backends.resolve(backend, x.device).fused(x, labels)
+        floats, ints = floats.to(x.device), ints.to(x.device)
     return Scores.from_columns(floats, ints, E, labels is not None)
 
 

@@ -33,3 +33,11 @@ def test_fake_implementation_gives_shapes_without_running():
         logits = torch.empty(3, 11, 7)
         floats, ints = torch.ops.ensel.fused_scores(logits, None, "cpu")
     assert floats.shape == (8, 11) and ints.shape == (3, 11)
+
+
+def test_score_inside_a_compiled_function_matches_eager():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 8, 4)
+    want = ensel.score(logits, backend="cpu")
+    compiled = torch.compile(lambda x: ensel.score(x, backend="cpu").mutual_info, backend="aot_eager")
+    assert torch.equal(compiled(logits), want.mutual_info)

@@ -17,7 +17,9 @@ except ImportError as e:  # a source checkout that was never built
 
 
 def _outputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    floats = torch.full((len(FLOAT_FIELDS), n), float("nan"), dtype=torch.float32)
+    # Uninitialized: the kernels write every field that Scores keeps. (A torch fill here would
+    # also leave torch's OpenMP workers spinning against the kernel's threads on small machines.)
+    floats = torch.empty(len(FLOAT_FIELDS), n, dtype=torch.float32)
     ints = torch.empty(len(INT_FIELDS), n, dtype=torch.int64)
     return floats, ints
 
