@@ -53,42 +53,44 @@ struct Rows {
 // Samples per tile: about 16 KB of float accumulators, at most 256 samples.
 int64_t tile_for(int64_t K) { return std::max<int64_t>(1, std::min<int64_t>(256, 4096 / K)); }
 
-template <typename T>
-__attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t E, int64_t K,
-                                                          const int64_t* labels, ScoreOutputs out,
-                                                          int64_t begin, int64_t end) {
-  const int64_t tile = tile_for(K);
-  std::vector<float> pbar(tile * K), scratch(K), entropy_sum(tile);
-  std::vector<int32_t> argmax(tile * E), counts(K, 0);
-  std::vector<LabelState> label_state(tile);
-  std::vector<Status> status(tile);
-  std::vector<int64_t> bad_member(tile);
-  Failure first;
+// What a fused tile keeps per sample besides pbar: the member argmaxes, the entropy sum, the
+// label state, and the first invalid member. Shared by the per-row and the lane paths.
+struct TileSamples {
+  int64_t E;
+  std::vector<int32_t> argmax, counts;  // [tile][E]; [K] zeros for mode_of
+  std::vector<float> entropy_sum;
+  std::vector<LabelState> label_state;
+  std::vector<Status> status;
+  std::vector<int64_t> bad_member;
 
-  for (int64_t t0 = begin; t0 < end; t0 += tile) {
-    const int64_t nb = std::min(tile, end - t0);
-    std::fill(pbar.begin(), pbar.begin() + nb * K, 0.0f);
-    std::fill(entropy_sum.begin(), entropy_sum.begin() + nb, 0.0f);
-    std::fill(label_state.begin(), label_state.begin() + nb, empty_label_state());
-    std::fill(status.begin(), status.begin() + nb, kOk);
-    for (int64_t e = 0; e < E; ++e) {
-      for (int64_t b = 0; b < nb; ++b) {
-        if (status[b] != kOk) continue;
-        const int64_t n = t0 + b;
-        const T* row = rows.row(e, n);
-        RowResult r;
-        const int64_t y = labels != nullptr ? labels[n] : -1;
-        const Status st = process_row(row, K, y, scratch.data(), pbar.data() + b * K, r);
-        if (st != kOk) {
-          status[b] = st;
-          bad_member[b] = e;
-          continue;
-        }
-        argmax[b * E + e] = r.argmax;
-        entropy_sum[b] += r.entropy;
-        if (y >= 0) observe_label(label_state[b], r.argmax, y, r.log_p_label);
-      }
+  TileSamples(int64_t tile, int64_t members, int64_t K)
+      : E(members), argmax(tile * members), counts(K, 0), entropy_sum(tile), label_state(tile),
+        status(tile), bad_member(tile) {}
+
+  void reset() {
+    std::fill(entropy_sum.begin(), entropy_sum.end(), 0.0f);
+    std::fill(label_state.begin(), label_state.end(), empty_label_state());
+    std::fill(status.begin(), status.end(), kOk);
+  }
+  bool valid(int64_t b) const { return status[b] == kOk; }
+
+  // Member e of sample b: its row's status, then (if valid) its argmax, entropy and label terms.
+  void observe(int64_t b, int64_t e, Status st, int32_t a, float entropy, int64_t label, float log_p_label) {
+    if (st != kOk) {
+      status[b] = st;
+      bad_member[b] = e;
+      return;
     }
+    argmax[b * E + e] = a;
+    entropy_sum[b] += entropy;
+    if (label >= 0) observe_label(label_state[b], a, label, log_p_label);
+  }
+
+  // Writes the scores of samples t0 + b, b < nb, or folds their failures into `first`.
+  // summary(b) is sample b's PbarSummary.
+  template <typename Summary>
+  void finish(int64_t t0, int64_t nb, int64_t K, bool has_labels, ScoreOutputs out, Summary summary,
+              Failure& first) {
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t n = t0 + b;
       if (status[b] != kOk) {
@@ -98,9 +100,38 @@ __attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t 
       }
       int32_t mode, votes;
       mode_of(argmax.data() + b * E, 1, static_cast<int32_t>(E), counts.data(), mode, votes);
-      finalize_sample(pbar.data() + b * K, K, static_cast<int32_t>(E), entropy_sum[b], mode, votes,
-                      labels != nullptr ? &label_state[b] : nullptr, out, n);
+      write_scores(out, n, K, static_cast<int32_t>(E), summary(b), entropy_sum[b], mode, votes,
+                   has_labels ? &label_state[b] : nullptr);
     }
+  }
+};
+
+template <typename T>
+__attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t E, int64_t K,
+                                                          const int64_t* labels, ScoreOutputs out,
+                                                          int64_t begin, int64_t end) {
+  const int64_t tile = tile_for(K);
+  std::vector<float> pbar(tile * K), scratch(K);
+  TileSamples samples(tile, E, K);
+  const float inv_e = 1.0f / static_cast<float>(E);
+  Failure first;
+
+  for (int64_t t0 = begin; t0 < end; t0 += tile) {
+    const int64_t nb = std::min(tile, end - t0);
+    std::fill(pbar.begin(), pbar.begin() + nb * K, 0.0f);
+    samples.reset();
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t b = 0; b < nb; ++b) {
+        if (!samples.valid(b)) continue;
+        const int64_t n = t0 + b;
+        const int64_t y = labels != nullptr ? labels[n] : -1;
+        RowResult r{};
+        const Status st = process_row(rows.row(e, n), K, y, scratch.data(), pbar.data() + b * K, r);
+        samples.observe(b, e, st, r.argmax, r.entropy, y, r.log_p_label);
+      }
+    }
+    samples.finish(t0, nb, K, labels != nullptr, out,
+                   [&](int64_t b) { return summarize_pbar(pbar.data() + b * K, K, inv_e); }, first);
   }
   return first;
 }
@@ -196,23 +227,16 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
                                                                 int64_t begin, int64_t end) {
   constexpr int64_t B = kLanes;
   LaneTile tile(K);
-  std::vector<float> pbar(K * B);
-  std::vector<int32_t> argmax(B * E), counts(K, 0);
-  float entropy_sum[B], neg_h[B], top1[B], top2[B];
-  LabelState label_state[B];
-  Status status[B];
-  int64_t bad_member[B];
+  std::vector<float> pbar(K * B);  // [K][B]
+  TileSamples samples(B, E, K);
+  float neg_h[B], top1[B], top2[B];
   const float inv_e = 1.0f / static_cast<float>(E);
   Failure first;
 
   for (int64_t t0 = begin; t0 < end; t0 += B) {
     const int64_t nb = std::min(B, end - t0);
     std::fill(pbar.begin(), pbar.end(), 0.0f);
-    for (int64_t b = 0; b < B; ++b) {
-      entropy_sum[b] = 0.0f;
-      label_state[b] = empty_label_state();
-      status[b] = kOk;
-    }
+    samples.reset();
     for (int64_t e = 0; e < E; ++e) {
       tile.load<T>([&](int64_t b) { return rows.row(e, t0 + b); }, nb);
       float inv_s[B];
@@ -224,18 +248,11 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
         for (int64_t b = 0; b < B; ++b) ps[k * B + b] += xs[k * B + b] * inv_s[b];
       }
       for (int64_t b = 0; b < nb; ++b) {
-        if (status[b] != kOk) continue;
-        const int64_t n = t0 + b;
-        const T* row = rows.row(e, n);
-        const Status st = tile.status(b, row);
-        if (st != kOk) {
-          status[b] = st;
-          bad_member[b] = e;
-          continue;
-        }
-        argmax[b * E + e] = tile.a[b];
-        entropy_sum[b] += tile.entropy(b);
-        if (labels != nullptr) observe_label(label_state[b], tile.a[b], labels[n], tile.log_p(b, row, labels[n]));
+        if (!samples.valid(b)) continue;
+        const T* row = rows.row(e, t0 + b);
+        const int64_t y = labels != nullptr ? labels[t0 + b] : -1;
+        samples.observe(b, e, tile.status(b, row), tile.a[b], tile.entropy(b), y,
+                        y >= 0 ? tile.log_p(b, row, y) : 0.0f);
       }
     }
     // pbar's entropy and two largest entries, lane-parallel (ties: top2 = top1, margin 0).
@@ -251,18 +268,8 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
         top1[b] = above1 ? p : top1[b];
       }
     }
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t n = t0 + b;
-      if (status[b] != kOk) {
-        const Failure f{status[b], bad_member[b], n};
-        if (earlier(f, first)) first = f;
-        continue;
-      }
-      int32_t mode, votes;
-      mode_of(argmax.data() + b * E, 1, static_cast<int32_t>(E), counts.data(), mode, votes);
-      write_scores(out, n, K, static_cast<int32_t>(E), PbarSummary{neg_h[b], top1[b], top2[b]}, entropy_sum[b],
-                   mode, votes, labels != nullptr ? &label_state[b] : nullptr);
-    }
+    samples.finish(t0, nb, K, labels != nullptr, out,
+                   [&](int64_t b) { return PbarSummary{neg_h[b], top1[b], top2[b]}; }, first);
   }
   return first;
 }
@@ -315,7 +322,7 @@ __attribute__((always_inline)) inline void update_range(const StreamState& s, Ro
   for (int64_t i = begin; i < end; ++i) {
     const int64_t n = start + i;
     const T* row = rows.row(0, i);
-    RowResult r;
+    RowResult r{};
     const int64_t y = s.labels != nullptr ? s.labels[n] : -1;
     process_row(row, K, y, scratch.data(), s.pbar_sum + n * K, r);  // validated by check_range
     s.entropy_sum[n] += r.entropy;
