@@ -218,6 +218,14 @@ def test_rejected_updates_of_every_kind_leave_state_unchanged(backend):
 # ----------------------------------------------------------------------------- labels
 
 
+def take_labels(how, logits, labels, backend):
+    """Hand `labels` to ensel the way `how` names: an Accumulator, or score_by's routes."""
+    if how == "accumulator":
+        ensel.Accumulator(logits.shape[1], logits.shape[2], labels=labels, backend=backend)
+    else:
+        score_by(how, logits, labels, backend)
+
+
 @backends
 @pytest.mark.parametrize("bad_label", [-1, 5, 1000])
 @pytest.mark.parametrize("how", ["fused", "iterable", "accumulator"])
@@ -227,10 +235,7 @@ def test_label_out_of_range(backend, bad_label, how):
     labels = make_labels(N, K)
     labels[4] = bad_label
     with pytest.raises(ValueError) as info:
-        if how == "accumulator":
-            ensel.Accumulator(N, K, labels=labels, backend=backend)
-        else:
-            score_by(how, logits, labels, backend)
+        take_labels(how, logits, labels, backend)
     msg = str(info.value)
     assert "label" in msg and re.search(r"\bsample 4\b", msg) and str(bad_label) in msg, msg
 
@@ -243,10 +248,7 @@ def test_labels_of_wrong_length(backend, how, length):
     logits = make_logits(2, N, K, seed=8)
     labels = torch.zeros(length, dtype=torch.int64)
     with pytest.raises(ValueError, match="labels"):
-        if how == "accumulator":
-            ensel.Accumulator(N, K, labels=labels, backend=backend)
-        else:
-            score_by(how, logits, labels, backend)
+        take_labels(how, logits, labels, backend)
 
 
 @backends
@@ -255,10 +257,7 @@ def test_labels_of_wrong_rank(backend, how):
     N, K = 6, 3
     labels = torch.zeros(N, 1, dtype=torch.int64)
     with pytest.raises(ValueError, match="labels"):
-        if how == "accumulator":
-            ensel.Accumulator(N, K, labels=labels, backend=backend)
-        else:
-            ensel.score(make_logits(2, N, K), labels=labels, backend=backend)
+        take_labels(how, make_logits(2, N, K), labels, backend)
 
 
 @backends
@@ -276,10 +275,7 @@ def test_labels_of_wrong_rank(backend, how):
 def test_non_integer_labels(backend, labels, how):
     N, K = 6, 3
     with pytest.raises(TypeError, match="labels"):
-        if how == "accumulator":
-            ensel.Accumulator(N, K, labels=labels, backend=backend)
-        else:
-            ensel.score(make_logits(2, N, K), labels=labels, backend=backend)
+        take_labels(how, make_logits(2, N, K), labels, backend)
 
 
 @backends
