@@ -6,7 +6,7 @@ DEPS_STAMP := $(VENV)/.stamp-deps
 BUILD_STAMP := $(VENV)/.stamp-build
 NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 demo: $(BUILD_STAMP)
 	$(PY) -m ensel.demo
@@ -16,6 +16,11 @@ test: $(BUILD_STAMP)
 
 bench: $(BUILD_STAMP)
 	$(PY) bench/report.py
+
+# On a machine with a GPU (no network needed): builds in place with that machine's own python3 and
+# torch, runs the contract suite on cuda and triton, compute-sanitizer, and the GPU report.
+gpu-check:
+	bash bench/gpu.sh
 
 $(DEPS_STAMP): requirements-dev.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

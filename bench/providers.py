@@ -20,7 +20,10 @@ is part of the provider's time.
 - reference   ensel.score(..., backend="reference"): float64, softmax materialized, validates.
 - cpu         ensel.score(..., backend="cpu"): the fused C++ kernel.
 - cpu_stream  ensel.Accumulator, one update per member, then finalize (checkpoint-major).
-- memcpy      dst.copy_(logits) into a preallocated buffer: the bandwidth ceiling row.
+- cuda, triton                 the same fused call on the GPU backends (bench/gpu_report.py).
+- cuda_stream, triton_stream   their Accumulator: one update per member, then finalize.
+- memcpy      dst.copy_(logits) into a preallocated buffer: the bandwidth ceiling row (on a GPU,
+              a device-to-device copy).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def eager_scores(logits: torch.Tensor, labels: torch.Tensor | None = None) -> di
     mutual_info = (entropy - mean_entropy).clamp_min(0)
 
     votes_for = x.argmax(-1)  # [E, N], first maximum
-    counts = torch.zeros(N, K, dtype=torch.int64)
+    counts = torch.zeros(N, K, dtype=torch.int64, device=x.device)
     counts.scatter_add_(1, votes_for.T, torch.ones_like(votes_for.T))
     mode = counts.argmax(-1)  # lowest class among the most voted
     mode_votes = counts.gather(1, mode[:, None])[:, 0]
@@ -167,16 +170,28 @@ def reference_scores(logits: torch.Tensor, labels: torch.Tensor | None = None) -
     return ensel.score(logits, labels, backend="reference").to_dict()
 
 
-def cpu_scores(logits: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    return ensel.score(logits, labels, backend="cpu").to_dict()
+def fused_provider(backend: str) -> Callable:
+    def scores(logits: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return ensel.score(logits, labels, backend=backend).to_dict()
+
+    scores.__name__ = f"{backend}_scores"
+    return scores
 
 
-def cpu_stream_scores(logits: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    E, N, K = logits.shape
-    acc = ensel.Accumulator(N, K, labels=labels, backend="cpu", num_members=E)
-    for member in logits:  # checkpoint-major: one member's [N, K] logits at a time
-        acc.update(member, start=0)
-    return acc.finalize().to_dict()
+def stream_provider(backend: str) -> Callable:
+    def scores(logits: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        E, N, K = logits.shape
+        acc = ensel.Accumulator(N, K, labels=labels, backend=backend, device=logits.device, num_members=E)
+        for member in logits:  # checkpoint-major: one member's [N, K] logits at a time
+            acc.update(member, start=0)
+        return acc.finalize().to_dict()
+
+    scores.__name__ = f"{backend}_stream_scores"
+    return scores
+
+
+cpu_scores = fused_provider("cpu")
+cpu_stream_scores = stream_provider("cpu")
 
 
 def softmax_floor(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,8 +214,16 @@ PROVIDERS: dict[str, Callable] = {
     "cpu_stream": cpu_stream_scores,
     "memcpy": memcpy_floor,
 }
-NAMES = tuple(PROVIDERS)
+NAMES = tuple(PROVIDERS)  # the CPU report's providers
 SCORING = ("eager", "compile", "numpy", "reference", "cpu", "cpu_stream")  # return score dicts
+
+# The GPU report's own (bench/gpu_report.py); eager, compile and memcpy run on the GPU as they are.
+GPU_PROVIDERS: dict[str, Callable] = {
+    name: make(backend)
+    for backend in ("cuda", "triton")
+    for name, make in ((backend, fused_provider), (f"{backend}_stream", stream_provider))
+}
+PROVIDERS.update(GPU_PROVIDERS)
 FLOORS = ("softmax", "memcpy")
 
 # Rough peak of extra memory each provider allocates, in units of the logits' size in float32
@@ -214,6 +237,10 @@ MEMORY_FACTOR = {
     "cpu": 0.0,
     "cpu_stream": 0.0,
     "memcpy": 1.0,
+    "cuda": 0.0,
+    "triton": 0.0,
+    "cuda_stream": 0.0,
+    "triton_stream": 0.0,
 }
 
 

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 import ensel
+from device_shim import backends_under_test
 
-BACKENDS = ensel.backends.names()  # ["cpu", "reference"] (cuda / triton when built and registered)
+# ["cpu", "reference"] in CI; ["cuda", "triton"] under ENSEL_TEST_DEVICE=cuda (tests/device_shim.py).
+BACKENDS = backends_under_test()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64"}
 
