@@ -1,0 +1,79 @@
+"""The Triton backend (kernels/, shipped as ensel.kernels): the fused and streaming kernels of
+DESIGN.md section 3 on CUDA tensors, or on CPU tensors under Triton's interpreter
+(TRITON_INTERPRET=1), which is how the test suite runs them without a GPU.
+
+The kernels module is imported inside the methods: `triton.jit` decides between compiling and
+interpreting when it decorates, so the module must not be imported before TRITON_INTERPRET is set.
+Kernels launch on the caller's current CUDA stream, on the input's device. Autotuning choices are
+logged on the "ensel" logger at DEBUG level (see kernels/launch.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .._inputs import raise_invalid
+from .._state import StreamState
+from .cpu import _rows_contiguous
+
+try:
+    import triton  # noqa: F401
+
+    _IMPORT_ERROR = ""
+except ImportError as e:  # triton ships with torch's Linux wheels only
+    _IMPORT_ERROR = str(e)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _launch():
+    from .. import kernels
+    from ..kernels import launch
+
+    del kernels
+    return launch
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class TritonBackend:
+    name = "triton"
+    verified = False  # never run through the suite on a GPU yet: "auto" does not pick it
+
+    @property
+    def device_types(self) -> frozenset[str]:
+        return frozenset({"cuda", "cpu"}) if _interpreting() else frozenset({"cuda"})
+
+    def available(self) -> bool:
+        return not _IMPORT_ERROR and (_interpreting() or torch.cuda.is_available())
+
+    def why_unavailable(self) -> str:
+        if _IMPORT_ERROR:
+            return f"triton failed to import: {_IMPORT_ERROR}"
+        if not (_interpreting() or torch.cuda.is_available()):
+            return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors, slowly)"
+        return ""
+
+    def fused(self, logits, labels):
+        x = _rows_contiguous(logits)
+        with _on_device(x):
+            floats, ints, failure = _launch().fused_scores(x, labels)
+        raise_invalid(*failure)
+        return floats, ints
+
+    def update(self, state: StreamState, logits: torch.Tensor, start: int) -> None:
+        x = _rows_contiguous(logits)
+        with _on_device(x):
+            failure = _launch().stream_update(state, x, start)
+        raise_invalid(*failure)
+
+    def finalize(self, state: StreamState, num_members: int):
+        with _on_device(state.pbar_sum):
+            return _launch().stream_finalize(state, num_members)

@@ -1,0 +1,180 @@
+"""Host side of the Triton kernels: strategy by K, launch configurations, autotuning.
+
+Strategies (DESIGN.md section 3): K <= TILE_MAX_K reads every row once into a register tile
+(many samples per program for small K, one or a few rows per program up to TILE_MAX_K);
+beyond, rows are walked in chunks of CHUNK_K classes with an online softmax. Both thresholds are
+module attributes so that tests can shrink them and reach the chunk path at small K under the
+interpreter.
+
+Autotuning (GPU only): the fused kernels are wrapped in `triton.autotune`, keyed on K, the label
+flag and the dtype; the chosen configuration is logged once per key on the "ensel" logger at
+DEBUG level (`logging.getLogger("ensel").setLevel(logging.DEBUG)` plus a handler), and Triton's
+own TRITON_PRINT_AUTOTUNING=1 prints it too. The streaming kernels use fixed heuristics: they
+update the state in place, so benchmarking configurations would need a state copy per trial.
+Under the interpreter (TRITON_INTERPRET=1) every kernel runs one fixed configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import triton
+
+from . import fused as _fused
+from . import streaming as _streaming
+
+TILE_MAX_K = 4096  # largest K held as one register tile per row
+CHUNK_K = 4096  # classes per chunk beyond TILE_MAX_K
+NO_FAILURE = 2**63 - 1
+
+_log = logging.getLogger("ensel")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+def _tile_configs(block_k: int) -> list[triton.Config]:
+    """Candidate (BLOCK_N, num_warps) for the fused tile kernel: 4 to 32 logits per thread per
+    member, so pbar, the votes and the loaded tile stay in registers, and enough rows per program
+    to keep each member's load a large coalesced stretch of memory."""
+    configs = []
+    for block_n in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        for warps in (2, 4, 8, 16):
+            per_thread = block_n * block_k // (32 * warps)
+            if 4 <= per_thread <= 32 and block_n * block_k >= 512:
+                for stages in (1, 3):
+                    configs.append(triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
+    if not configs:  # tiny tiles (K = 1 .. 2 with few samples): one small config
+        configs.append(triton.Config({"BLOCK_N": max(1, 512 // block_k)}, num_warps=4))
+    return configs
+
+
+_TUNED: dict[tuple, object] = {}
+_LOGGED: set = set()
+
+
+def _tuned(kernel, name: str, configs: list[triton.Config], key: list[str], tag):
+    cache_key = (name, tag)
+    if cache_key not in _TUNED:
+        _TUNED[cache_key] = triton.autotune(configs=configs, key=key)(kernel)
+    return _TUNED[cache_key]
+
+
+def _log_choice(name: str, tuner, what: str) -> None:
+    config = getattr(tuner, "best_config", None)
+    if config is not None and (name, what) not in _LOGGED:
+        _LOGGED.add((name, what))
+        _log.debug("ensel triton %s %s: autotuned %s", name, what, config)
+
+
+def _fail_buffer(device) -> torch.Tensor:
+    return torch.full((1,), NO_FAILURE, dtype=torch.int64, device=device)
+
+
+def decode_failure(fail: torch.Tensor, num_samples: int) -> tuple[int, int, int]:
+    """(status, member, sample) from a kernel's failure key, or (0, -1, -1)."""
+    key = int(fail.item())
+    if key == NO_FAILURE:
+        return 0, -1, -1
+    rest, status = divmod(key, 4)
+    member, sample = divmod(rest, num_samples)
+    return status, member, sample
+
+
+def fused_scores(x: torch.Tensor, labels: torch.Tensor | None):
+    """floats [8, N], ints [3, N], and the failure (status, member, sample) of [E, N, K] logits
+    with unit class stride."""
+    E, N, K = x.shape
+    floats = torch.empty(8, N, dtype=torch.float32, device=x.device)
+    ints = torch.empty(3, N, dtype=torch.int64, device=x.device)
+    if N == 0:
+        return floats, ints, (0, -1, -1)
+    fail = _fail_buffer(x.device)
+    has_labels = labels is not None
+    labels_arg = labels if has_labels else fail  # never read without labels
+    is_f64 = x.dtype == torch.float64
+    block_k = _pow2(K)
+    args = (x, labels_arg, floats, ints, fail, E, N, K, x.stride(0), x.stride(1))
+    if block_k <= TILE_MAX_K:
+        if interpreting():
+            block_n = max(1, min(64, 4096 // block_k))
+            grid = (triton.cdiv(N, block_n),)
+            _fused.fused_tile_kernel[grid](*args, HAS_LABELS=has_labels, IS_F64=is_f64,
+                                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        else:
+            tuner = _tuned(_fused.fused_tile_kernel, "fused_tile", _tile_configs(block_k),
+                           ["K", "HAS_LABELS", "IS_F64"], block_k)
+            tuner[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
+                *args, HAS_LABELS=has_labels, IS_F64=is_f64, BLOCK_K=block_k)
+            _log_choice("fused_tile", tuner, f"K={K} dtype={x.dtype} labels={has_labels}")
+    else:
+        row_max = torch.empty(E, N, dtype=torch.float64 if is_f64 else torch.float32, device=x.device)
+        inv_sum = torch.empty(E, N, dtype=torch.float32, device=x.device)
+        argmax = torch.empty(E, N, dtype=torch.int32, device=x.device)
+        chunk = min(CHUNK_K, block_k)
+        block_e = min(64, _pow2(E))
+        grid = (N,)
+        _fused.fused_chunk_stats_kernel[grid](
+            x, labels_arg, floats, ints, fail, row_max, inv_sum, argmax, E, N, K, x.stride(0), x.stride(1),
+            HAS_LABELS=has_labels, IS_F64=is_f64, BLOCK_K=chunk,
+            num_warps=4 if interpreting() else 8)
+        _fused.fused_chunk_finish_kernel[grid](
+            x, floats, ints, row_max, inv_sum, argmax, E, N, K, x.stride(0), x.stride(1),
+            IS_F64=is_f64, BLOCK_K=chunk, BLOCK_E=block_e, num_warps=4 if interpreting() else 8)
+    return floats, ints, decode_failure(fail, N)
+
+
+def stream_update(state, x: torch.Tensor, start: int):
+    """Validates one member's [B, K] rows, then (only if all are valid) adds them to `state`.
+    Returns the failure (status, member, sample), (0, -1, -1) when applied."""
+    B, K = x.shape
+    N = state.num_samples
+    is_f64 = x.dtype == torch.float64
+    block_k = _pow2(K)
+    fail = _fail_buffer(x.device)
+    check_k = min(block_k, 1024)
+    check_n = max(1, min(64, (4096 if interpreting() else 2048) // check_k))
+    _streaming.check_kernel[(triton.cdiv(B, check_n),)](
+        x, state.members, fail, B, N, K, start, x.stride(0),
+        IS_F64=is_f64, BLOCK_N=check_n, BLOCK_K=check_k, num_warps=4)
+    failure = decode_failure(fail, N)
+    if failure[0] != 0:
+        return failure
+    has_labels = state.labels is not None
+    single = block_k <= TILE_MAX_K
+    if single:
+        block_n = max(1, min(64, (4096 if interpreting() else 2048) // block_k))
+        warps = 4 if block_n * block_k <= 2048 else 8
+    else:
+        block_n, block_k, warps = 1, min(CHUNK_K, block_k), 8
+    _streaming.update_kernel[(triton.cdiv(B, block_n),)](
+        x, state.labels if has_labels else fail, state.pbar_sum, state.entropy_sum, state.members,
+        state.argmax_history, state.correct, state.last_correct, state.forgetting, state.nll_max,
+        state.nll_sum, B, N, K, start, x.stride(0),
+        HAS_LABELS=has_labels, IS_F64=is_f64, BLOCK_N=block_n, BLOCK_K=block_k, SINGLE_CHUNK=single,
+        num_warps=4 if interpreting() else warps)
+    return failure
+
+
+def stream_finalize(state, num_members: int):
+    N, K, E = state.num_samples, state.num_classes, num_members
+    device = state.pbar_sum.device
+    floats = torch.empty(8, N, dtype=torch.float32, device=device)
+    ints = torch.empty(3, N, dtype=torch.int64, device=device)
+    has_labels = state.labels is not None
+    one_hot = _pow2(K) <= 64
+    block_k = _pow2(K) if one_hot else min(_pow2(K), 1024)
+    block_n = max(1, min(64, (4096 if interpreting() else 2048) // block_k))
+    _streaming.finalize_kernel[(triton.cdiv(N, block_n),)](
+        state.pbar_sum, state.entropy_sum, state.argmax_history, state.correct, state.forgetting,
+        state.nll_max, state.nll_sum, floats, ints, E, N, K,
+        HAS_LABELS=has_labels, ONE_HOT_VOTES=one_hot, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_E=min(64, _pow2(E)), num_warps=4)
+    return floats, ints
