@@ -2,9 +2,9 @@
 
 Strategies (DESIGN.md section 3): K <= TILE_MAX_K reads every row once into a register tile
 (many samples per program for small K, one or a few rows per program up to TILE_MAX_K);
-beyond, rows are walked in chunks of CHUNK_K classes with an online softmax. Both thresholds are
-module attributes so that tests can shrink them and reach the chunk path at small K under the
-interpreter.
+beyond, rows are walked in chunks of CHUNK_K classes with an online softmax. These thresholds and
+MODE_BLOCK_E are module attributes so that tests can shrink them and reach the chunk path (and
+the pairwise mode's merge across blocks of members) at small sizes under the interpreter.
 
 Autotuning (GPU only): the fused kernels are wrapped in `triton.autotune`, keyed on K, the label
 flag and the dtype; the chosen configuration is logged once per key on the "ensel" logger at
@@ -27,6 +27,7 @@ from . import streaming as _streaming
 
 TILE_MAX_K = 4096  # largest K held as one register tile per row
 CHUNK_K = 4096  # classes per chunk beyond TILE_MAX_K
+MODE_BLOCK_E = 64  # member argmaxes compared at once by the pairwise mode (large K)
 NO_FAILURE = 2**63 - 1
 
 _log = logging.getLogger("ensel")
@@ -119,7 +120,7 @@ def fused_scores(x: torch.Tensor, labels: torch.Tensor | None):
         inv_sum = torch.empty(E, N, dtype=torch.float32, device=x.device)
         argmax = torch.empty(E, N, dtype=torch.int32, device=x.device)
         chunk = min(CHUNK_K, block_k)
-        block_e = min(64, _pow2(E))
+        block_e = min(MODE_BLOCK_E, _pow2(E))
         grid = (N,)
         _fused.fused_chunk_stats_kernel[grid](
             x, labels_arg, floats, ints, fail, row_max, inv_sum, argmax, E, N, K, x.stride(0), x.stride(1),
@@ -176,5 +177,5 @@ def stream_finalize(state, num_members: int):
         state.pbar_sum, state.entropy_sum, state.argmax_history, state.correct, state.forgetting,
         state.nll_max, state.nll_sum, floats, ints, E, N, K,
         HAS_LABELS=has_labels, ONE_HOT_VOTES=one_hot, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_E=min(64, _pow2(E)), num_warps=4)
+        BLOCK_E=min(MODE_BLOCK_E, _pow2(E)), num_warps=4)
     return floats, ints

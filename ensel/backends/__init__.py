@@ -86,7 +86,11 @@ def resolve(name: str | None, device: torch.device) -> Backend:
     return backend
 
 
-from . import cpu, reference  # noqa: E402  (registration order = preference)
+from . import cpu, reference, triton  # noqa: E402  (registration order = preference)
 
+register(triton.TritonBackend())
+from . import cuda  # noqa: E402
+
+register(cuda.CudaBackend())
 register(cpu.CpuBackend())
 register(reference.ReferenceBackend())
