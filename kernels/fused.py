@@ -58,7 +58,7 @@ def _record_failure(x_ptr, fail_ptr, first_bad, offs_n, E, N, K, stride_e, strid
 @triton.jit
 def fused_tile_kernel(x_ptr, labels_ptr, floats_ptr, ints_ptr, fail_ptr,
                       E, N, K, stride_e, stride_n,
-                      HAS_LABELS: tl.constexpr, IS_F64: tl.constexpr,
+                      HAS_LABELS: tl.constexpr, IS_F64: tl.constexpr, WIDE_ROWS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -66,16 +66,23 @@ def fused_tile_kernel(x_ptr, labels_ptr, floats_ptr, ints_ptr, fail_ptr,
     offs_n64 = offs_n.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     mask = mask_n[:, None] & (offs_k < K)[None, :]
-    # int64: E * N * K passes 2^31 at ImageNet scale.
-    tile_off = offs_n64[:, None] * stride_n + offs_k[None, :]
+    # Addresses: a 64-bit base per program and member (E * N * K passes 2^31 at ImageNet scale)
+    # plus int32 offsets inside the tile, unless the launcher found that BLOCK_N * stride_n may
+    # pass 2^31 (WIDE_ROWS: sample strides of tens of millions of elements).
+    first_row = tl.cast(pid, tl.int64) * BLOCK_N * stride_n
+    local_rows = tl.arange(0, BLOCK_N)
+    if WIDE_ROWS:
+        local_rows = local_rows.to(tl.int64)
+    tile_off = (local_rows * stride_n)[:, None] + offs_k[None, :]
 
     pbar = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     votes = tl.zeros([BLOCK_N, BLOCK_K], tl.int32)
     entropy_sum = tl.zeros([BLOCK_N], tl.float32)
     first_bad = tl.zeros([BLOCK_N], tl.int32) + E
-    y = tl.zeros([BLOCK_N], tl.int64)
+    # Labels lie in [0, K) (checked on the host): int32 halves their registers.
+    y = tl.zeros([BLOCK_N], tl.int32)
     if HAS_LABELS:
-        y = tl.load(labels_ptr + offs_n64, mask=mask_n, other=0)
+        y = tl.load(labels_ptr + offs_n64, mask=mask_n, other=0).to(tl.int32)
     correct = tl.zeros([BLOCK_N], tl.int32)
     last_correct = tl.zeros([BLOCK_N], tl.int32)
     forgetting = tl.zeros([BLOCK_N], tl.int32)
@@ -83,7 +90,7 @@ def fused_tile_kernel(x_ptr, labels_ptr, floats_ptr, ints_ptr, fail_ptr,
     nll_sum = tl.zeros([BLOCK_N], tl.float32)
 
     for e in range(E):
-        member_ptr = x_ptr + tl.cast(e, tl.int64) * stride_e
+        member_ptr = x_ptr + (tl.cast(e, tl.int64) * stride_e + first_row)
         x = load_compute(member_ptr + tile_off, mask, IS_F64)
         m = tl.max(x, axis=1)
         a = tl.min(tl.where(x == m[:, None], offs_k[None, :], BLOCK_K), axis=1)
@@ -98,7 +105,7 @@ def fused_tile_kernel(x_ptr, labels_ptr, floats_ptr, ints_ptr, fail_ptr,
         votes += (offs_k[None, :] == a[:, None]).to(tl.int32)
         first_bad = tl.where(mask_n & is_bad(s) & (first_bad == E), e, first_bad)
         if HAS_LABELS:
-            x_y = load_compute(member_ptr + offs_n64 * stride_n + y, mask_n, IS_F64)
+            x_y = load_compute(member_ptr + (local_rows * stride_n + y), mask_n, IS_F64)
             log_p = (x_y - m).to(tl.float32) - log_s
             correct, last_correct, forgetting, nll_max, nll_sum = observe_label(
                 a, y, log_p, correct, last_correct, forgetting, nll_max, nll_sum)

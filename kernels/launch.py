@@ -42,18 +42,21 @@ def _pow2(n: int) -> int:
 
 
 def _tile_configs(block_k: int) -> list[triton.Config]:
-    """Candidate (BLOCK_N, num_warps) for the fused tile kernel: 4 to 32 logits per thread per
-    member, so pbar, the votes and the loaded tile stay in registers, and enough rows per program
-    to keep each member's load a large coalesced stretch of memory."""
+    """Candidate (BLOCK_N, num_warps, num_stages) for the fused tile kernel, sized so that nothing
+    spills (ptxas for sm_90, bfloat16 with labels): Triton's blocked layout spreads a short row
+    over up to 16 threads and gives each thread one logit of many rows, so every per-row value
+    (entropy sum, label counters, ...) is held once per row a thread touches: about 20 registers
+    per logit a thread holds (4 -> 92 registers, 8 -> 177, 16 -> 255 and spills at K = 10),
+    against about 7 for rows of 1024 or more (8 -> 56). num_stages 3 lets Triton prefetch the
+    next member's tile; 16 warps only for the widest rows."""
+    per_thread = (4, 8) if block_k <= 256 else (8, 16)
     configs = []
-    for block_n in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-        for warps in (2, 4, 8, 16):
-            per_thread = block_n * block_k // (32 * warps)
-            if 4 <= per_thread <= 32 and block_n * block_k >= 512:
+    for warps in (4, 8, 16) if block_k >= 2048 else (4, 8):
+        for logits in per_thread:
+            block_n = logits * 32 * warps // block_k
+            if 1 <= block_n <= 1024:
                 for stages in (1, 3):
                     configs.append(triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
-    if not configs:  # tiny tiles (K = 1 .. 2 with few samples): one small config
-        configs.append(triton.Config({"BLOCK_N": max(1, 512 // block_k)}, num_warps=4))
     return configs
 
 
@@ -104,16 +107,18 @@ def fused_scores(x: torch.Tensor, labels: torch.Tensor | None):
     block_k = _pow2(K)
     args = (x, labels_arg, floats, ints, fail, E, N, K, x.stride(0), x.stride(1))
     if block_k <= TILE_MAX_K:
+        # In-tile offsets are int32 unless a tile of up to 1024 rows may span 2^31 elements.
+        wide = 1024 * x.stride(1) + K >= 2**31
         if interpreting():
             block_n = max(1, min(64, 4096 // block_k))
             grid = (triton.cdiv(N, block_n),)
-            _fused.fused_tile_kernel[grid](*args, HAS_LABELS=has_labels, IS_F64=is_f64,
+            _fused.fused_tile_kernel[grid](*args, HAS_LABELS=has_labels, IS_F64=is_f64, WIDE_ROWS=wide,
                                            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
         else:
             tuner = _tuned(_fused.fused_tile_kernel, "fused_tile", _tile_configs(block_k),
                            ["K", "HAS_LABELS", "IS_F64"], block_k)
             tuner[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-                *args, HAS_LABELS=has_labels, IS_F64=is_f64, BLOCK_K=block_k)
+                *args, HAS_LABELS=has_labels, IS_F64=is_f64, WIDE_ROWS=wide, BLOCK_K=block_k)
             _log_choice("fused_tile", tuner, f"K={K} dtype={x.dtype} labels={has_labels}")
     else:
         row_max = torch.empty(E, N, dtype=torch.float64 if is_f64 else torch.float32, device=x.device)

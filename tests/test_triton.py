@@ -363,7 +363,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
             elif name in POINTERS:
                 signature[name] = POINTERS[name]
             else:  # strides and start as the launcher may pass them at ImageNet scale
-                signature[name] = "i64" if name in ("stride_e", "stride_n", "start") else "i32"
+                signature[name] = "i64" if name in ("stride_e", "start") else "i32"
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
         assert len(compiled.asm["cubin"]) > 0
@@ -377,7 +377,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
         ("fp64", True, 32, 64, 4),
     ]:
         cases.append((fused.fused_tile_kernel, dtype,
-                      dict(HAS_LABELS=labels, IS_F64=f64(dtype), BLOCK_N=block_n, BLOCK_K=block_k), warps))
+                      dict(HAS_LABELS=labels, IS_F64=f64(dtype), WIDE_ROWS=dtype == "fp64", BLOCK_N=block_n,
+                           BLOCK_K=block_k), warps))
     for dtype in ("bf16", "fp64"):
         cases.append((fused.fused_chunk_stats_kernel, dtype, dict(HAS_LABELS=True, IS_F64=f64(dtype), BLOCK_K=4096), 8))
         cases.append((fused.fused_chunk_finish_kernel, dtype, dict(IS_F64=f64(dtype), BLOCK_K=4096, BLOCK_E=64), 8))
@@ -394,7 +395,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
                            BLOCK_E=64), 4))
     for kernel, dtype, constexprs, warps in cases:
         compile_for(kernel, dtype, constexprs, warps, 90)
-    compile_for(fused.fused_tile_kernel, "bf16", dict(HAS_LABELS=True, IS_F64=False, BLOCK_N=2, BLOCK_K=128), 4, 80)
+    compile_for(fused.fused_tile_kernel, "bf16", dict(HAS_LABELS=True, IS_F64=False, WIDE_ROWS=False, BLOCK_N=2, BLOCK_K=128), 4, 80)
     print("compiled", len(cases) + 1)
     """
 )
