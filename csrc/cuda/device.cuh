@@ -46,24 +46,15 @@ inline void check_launch(const char* kernel) {
   if (err != cudaSuccess) throw_cuda(err, (std::string("launching ") + kernel).c_str());
 }
 
-// Makes `device` current for the scope (the Python layer already holds a torch.cuda.device guard;
-// this module has its own static CUDA runtime, so it says so itself) and restores the previous one.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
-    if (previous_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int now = -1;
-    if (cudaGetDevice(&now) == cudaSuccess && now != previous_) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = 0;
-};
+// Makes `device` current. The Python layer holds a torch.cuda.device guard for the call, so this is
+// normally a no-op; it matters because this module has its own (static) CUDA runtime. It does not
+// restore anything on exit: the torch guard does, and a restore from this runtime's idea of the
+// previous device could switch the thread's context under torch.
+inline void use_device(int device) {
+  int current = -1;
+  check_cuda(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+}
 
 inline int device_attribute(cudaDeviceAttr attr, int device) {
   int value = 0;

@@ -421,7 +421,7 @@ auto by_dtype(DType dtype, F f) {
 int64_t fused_cuda_workspace_bytes(DType dtype, int64_t E, int64_t N, int64_t K, int device) {
   using namespace cuda;
   if (N == 0 || lanes_per_row(K) != 0) return kWorkspaceHeader;
-  DeviceGuard guard(device);
+  use_device(device);
   return by_dtype(dtype, [&](auto tag) { return plan_block<decltype(tag)>(E, N, K, device).bytes; });
 }
 
@@ -430,7 +430,7 @@ Failure fused_cuda(LogitsView logits, int64_t E, int64_t N, int64_t K, const int
   using namespace cuda;
   if (N == 0) return Failure{};
   check_workspace(workspace_bytes, kWorkspaceHeader, "fused");
-  DeviceGuard guard(device);
+  use_device(device);
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_address);
   reset_failure(workspace, stream);
   FusedParams p;

@@ -356,7 +356,7 @@ Failure update_cuda(StreamState state, LogitsView logits, int64_t start, int64_t
   using namespace cuda;
   if (rows == 0) return Failure{};
   check_workspace(workspace_bytes, kWorkspaceHeader, "update");
-  DeviceGuard guard(device);
+  use_device(device);
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_address);
   reset_failure(workspace, stream);
   UpdateParams p;
@@ -379,7 +379,7 @@ Failure update_cuda(StreamState state, LogitsView logits, int64_t start, int64_t
 int64_t finalize_cuda_workspace_bytes(int64_t N, int64_t K, int device) {
   using namespace cuda;
   if (N == 0) return kWorkspaceHeader;
-  DeviceGuard guard(device);
+  use_device(device);
   return plan_finalize(N, K, device).bytes;
 }
 
@@ -387,7 +387,7 @@ void finalize_cuda(StreamState state, int32_t E, ScoreOutputs out, void* workspa
                    uintptr_t stream_address) {
   using namespace cuda;
   if (state.num_samples == 0) return;
-  DeviceGuard guard(device);
+  use_device(device);
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_address);
   const FinalizePlan plan = plan_finalize(state.num_samples, state.num_classes, device);
   check_workspace(workspace_bytes, plan.bytes, "finalize");
