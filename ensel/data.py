@@ -1,0 +1,272 @@
+"""Datasets for the active-learning layer: a labeled pool (the training split) and a validation split.
+
+- `digits`: scikit-learn's 1797 8x8 digits, embedded and offline; a fixed 75/25 split (seed 0).
+- `cifar10`, `cifar100`: torchvision's CIFAR datasets from a local root (the pickled
+  `cifar-10-batches-py` / `cifar-100-python` folders); the test batch is the validation split.
+- `imagefolder`: torchvision's ImageFolder (ImageNet layout) from `<root>/train` and `<root>/val`.
+
+Training batches are augmented with a random crop (zero padding, then a crop of the original size)
+and a horizontal flip; digits get no flip, since a mirrored 2, 3 or 7 is another glyph or none.
+Inputs are normalized with the mean and std of the training split (ImageNet's constants for
+ImageFolder, whose images are never all in memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Dataset:
+    """A labeled pool (`split="train"`) and a validation split, batched for training and inference.
+
+    `train_labels` / `val_labels` are int64 CPU tensors; pool indices always refer to the
+    training split in its fixed order.
+    """
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    train_labels: torch.Tensor
+    val_labels: torch.Tensor
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_labels.shape[0])
+
+    def labels(self, split: str) -> torch.Tensor:
+        return {"train": self.train_labels, "val": self.val_labels}[_check_split(split)]
+
+    def train_batches(self, indices: torch.Tensor, batch_size: int, generator: torch.Generator, device):
+        """Shuffled, augmented (images, labels) batches over the pool samples `indices`."""
+        raise NotImplementedError
+
+    def eval_batches(self, split: str, batch_size: int, device, indices: torch.Tensor | None = None):
+        """(start, images) over `split` (or its rows `indices`, in that order), unaugmented."""
+        raise NotImplementedError
+
+
+def _check_split(split: str) -> str:
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}: expected 'train' or 'val'")
+    return split
+
+
+@dataclass
+class _Aug:
+    pad: int
+    flip: bool
+
+
+class TensorDataset(Dataset):
+    """Images held in memory as an [N, C, H, W] tensor (float or uint8), normalized per batch on
+    the device where the batch goes; augmentation is done batch-wise there too, with offsets drawn
+    from the caller's generator so that a seed fixes every crop and flip."""
+
+    def __init__(self, name, train_images, train_labels, val_images, val_labels, num_classes, scale, aug: _Aug):
+        self.name = name
+        self.num_classes = int(num_classes)
+        self._images = {"train": train_images, "val": val_images}
+        self.train_labels = torch.as_tensor(train_labels, dtype=torch.int64)
+        self.val_labels = torch.as_tensor(val_labels, dtype=torch.int64)
+        self.in_channels = int(train_images.shape[1])
+        self.image_size = int(max(train_images.shape[-2:]))
+        self._scale = float(scale)
+        x = train_images.float() * self._scale
+        self._mean = x.mean(dim=(0, 2, 3))
+        self._std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+        self._aug = aug
+        self._on_device: dict = {}
+
+    def _split_on(self, split: str, device: torch.device) -> torch.Tensor:
+        key = (split, str(device))
+        if key not in self._on_device:
+            self._on_device[key] = self._images[split].to(device)
+        return self._on_device[key]
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = self._mean.to(x.device)[None, :, None, None]
+        std = self._std.to(x.device)[None, :, None, None]
+        return (x.float() * self._scale - mean) / std
+
+    def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        b, _, h, w = x.shape
+        p = self._aug.pad
+        if p:
+            padded = torch.nn.functional.pad(x, (p, p, p, p))
+            dy, dx = torch.randint(0, 2 * p + 1, (2, b), generator=generator).to(x.device)
+            rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # [B, H, 1]
+            cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # [B, 1, W]
+            x = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols]  # [B, H, W, C]
+            x = x.permute(0, 3, 1, 2)
+        if self._aug.flip:
+            flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x.contiguous()
+
+    def train_batches(self, indices, batch_size, generator, device):
+        device = torch.device(device)
+        images = self._split_on("train", device)
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        order = indices[torch.randperm(len(indices), generator=generator)]
+        labels = self.train_labels
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            x = self._augment(self._normalize(images[idx.to(device)]), generator)
+            yield x, labels[idx].to(device)
+
+    def eval_batches(self, split, batch_size, device, indices=None):
+        device = torch.device(device)
+        images = self._split_on(_check_split(split), device)
+        n = images.shape[0] if indices is None else len(indices)
+        for start in range(0, n, batch_size):
+            if indices is None:
+                x = images[start : start + batch_size]
+            else:
+                x = images[torch.as_tensor(indices[start : start + batch_size], dtype=torch.int64).to(device)]
+            yield start, self._normalize(x)
+
+
+class FolderDataset(Dataset):
+    """torchvision ImageFolder splits read through DataLoader workers: RandomResizedCrop + flip for
+    training, resize + center crop for inference (the standard ImageNet pipeline)."""
+
+    def __init__(self, root: Path, image_size: int = 224, workers: int = 2):
+        from torchvision import datasets, transforms as T
+
+        root = Path(root)
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                raise ValueError(f"imagefolder: {root / split} is not a directory (expected <root>/train and <root>/val)")
+        norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        resize = int(round(image_size * 256 / 224))
+        self._train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        self._eval_tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), norm])
+        self._sets = {
+            "train": datasets.ImageFolder(str(root / "train")),
+            "val": datasets.ImageFolder(str(root / "val")),
+        }
+        if self._sets["train"].classes != self._sets["val"].classes:
+            raise ValueError(f"imagefolder: {root}/train and {root}/val have different class folders")
+        self.name = "imagefolder"
+        self.num_classes = len(self._sets["train"].classes)
+        self.in_channels = 3
+        self.image_size = int(image_size)
+        self.train_labels = torch.tensor(self._sets["train"].targets, dtype=torch.int64)
+        self.val_labels = torch.tensor(self._sets["val"].targets, dtype=torch.int64)
+        self._workers = workers
+
+    def _loader(self, split, tf, indices, batch_size, sampler_generator=None):
+        from torch.utils.data import DataLoader, Subset
+
+        base = self._sets[split]
+        view = _Transformed(base, tf)
+        if indices is not None:
+            view = Subset(view, [int(i) for i in indices])
+        return DataLoader(
+            view,
+            batch_size=batch_size,
+            shuffle=sampler_generator is not None,
+            generator=sampler_generator,
+            num_workers=self._workers,
+            persistent_workers=False,
+        )
+
+    def train_batches(self, indices, batch_size, generator, device):
+        # Workers draw their augmentation from torch's seed, which DataLoader derives from the
+        # generator: a fixed generator state fixes the order and the crops.
+        loader = self._loader("train", self._train_tf, indices, batch_size, generator)
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def eval_batches(self, split, batch_size, device, indices=None):
+        loader = self._loader(_check_split(split), self._eval_tf, indices, batch_size)
+        start = 0
+        for x, _ in loader:
+            yield start, x.to(device, non_blocking=True)
+            start += x.shape[0]
+
+
+class _Transformed(torch.utils.data.Dataset):
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        return self.transform(image), label
+
+
+def load_digits(seed: int = 0, val_fraction: float = 0.25) -> TensorDataset:
+    """scikit-learn's digits: 1348 pool images and 449 validation images, split once by `seed`."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    digits = sk_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None]  # [1797, 1, 8, 8], 0..16
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    n_val = int(len(labels) * val_fraction)
+    val, train = order[:n_val], order[n_val:]
+    return TensorDataset("digits", images[train], labels[train], images[val], labels[val], 10, 1 / 16, _Aug(pad=1, flip=False))
+
+
+def load_cifar(root: str | Path, num_classes: int = 10) -> TensorDataset:
+    """CIFAR-10/100 from `root` (which holds `cifar-10-batches-py` or `cifar-100-python`);
+    nothing is downloaded."""
+    from torchvision import datasets
+
+    base = {10: datasets.CIFAR10, 100: datasets.CIFAR100}[num_classes]
+
+    class cls(base):
+        # torchvision compares each file's md5 with the official release; the files only need to
+        # exist here (its own loader still reads them), so that re-packed copies load too.
+        def _check_integrity(self):
+            folder = Path(self.root) / self.base_folder
+            return all((folder / name).is_file() for name, _ in self.train_list + self.test_list)
+
+        def _load_meta(self):
+            import pickle
+
+            path = Path(self.root) / self.base_folder / self.meta["filename"]
+            if not path.is_file():
+                raise RuntimeError(f"{path} is missing")
+            with open(path, "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    try:
+        train = cls(str(root), train=True, download=False)
+        val = cls(str(root), train=False, download=False)
+    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+        raise ValueError(f"cifar{num_classes}: no readable dataset under {root} ({e})") from e
+
+    def nchw(data):
+        return torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).contiguous()
+
+    return TensorDataset(
+        f"cifar{num_classes}", nchw(train.data), train.targets, nchw(val.data), val.targets,
+        num_classes, 1 / 255, _Aug(pad=4, flip=True),
+    )
+
+
+def load_dataset(name: str, data_root: str | Path | None = None, image_size: int = 224, workers: int = 2) -> Dataset:
+    if name == "digits":
+        return load_digits()
+    if name in ("cifar10", "cifar100", "imagefolder") and data_root is None:
+        raise ValueError(f"data={name!r} needs --data-root (nothing is downloaded)")
+    if name == "cifar10":
+        return load_cifar(data_root, 10)
+    if name == "cifar100":
+        return load_cifar(data_root, 100)
+    if name == "imagefolder":
+        return FolderDataset(Path(data_root), image_size=image_size, workers=workers)
+    raise ValueError(f"data={name!r}: unknown; choose one of {', '.join(DATASETS)}")

@@ -1,0 +1,158 @@
+"""Streaming inference: each checkpoint's logits over the pool go straight into an Accumulator.
+
+The accumulator lives on the device that runs the model, so logits never leave it: batch by
+batch, one member at a time (the checkpoint-major order of DESIGN.md section 3). Optionally each
+member's logits are also written as a float16 `.npy` file ([N, K], memory-mapped while written),
+for later fused scoring with `score_files` (`ensel score FILES...`).
+
+A scoring pass over hundreds of checkpoints can be interrupted: with `state_dir` the accumulator
+is saved after every member and a restarted pass skips the members already counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import _fields
+from .accumulator import Accumulator
+from .api import score
+from .models import build_model
+from .scores import Scores
+from .training import atomic_json, load_weights, predict_batches, resolve_device
+
+
+def member_file_name(position: int, run: int, epoch: int) -> str:
+    return f"member{position:04d}_run{run}_epoch{epoch:03d}.npy"
+
+
+def score_members(
+    data,
+    run_dirs: list[Path],
+    members: list[tuple[int, int]],
+    arch: str,
+    indices: torch.Tensor | None = None,
+    split: str = "train",
+    device="auto",
+    with_labels: bool = True,
+    logits_dir: Path | None = None,
+    state_dir: Path | None = None,
+    batch_size: int = 512,
+    amp: bool = True,
+    progress=None,
+    hook=None,
+) -> Scores:
+    """Scores of `split`'s samples (the rows `indices`, in that order) under the ensemble `members`,
+    a list of (run, epoch) over `run_dirs`. Sample i of the result is row indices[i]."""
+    device = resolve_device(device)
+    all_labels = data.labels(split)
+    n = len(all_labels) if indices is None else len(indices)
+    if n == 0:
+        raise ValueError("score_members: no samples to score")
+    if not members:
+        raise ValueError("score_members: the ensemble has no members")
+    labels = None
+    if with_labels:
+        labels = all_labels if indices is None else all_labels[torch.as_tensor(indices, dtype=torch.int64)]
+    done = 0
+    acc = None
+    if state_dir is not None:
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        marker = state_dir / "progress.json"
+        if marker.exists():
+            saved = json.loads(marker.read_text())
+            if [tuple(m) for m in saved["members"]] != [tuple(m) for m in members[: saved["done"]]]:
+                raise ValueError(f"{state_dir}: the saved scoring pass used other members; delete it to start over")
+            done = saved["done"]
+            acc = Accumulator.load(state_dir / "accumulator.pt", device=device)
+    if acc is None:
+        acc = Accumulator(n, data.num_classes, labels=labels, device=device, num_members=len(members))
+    if logits_dir is not None:
+        logits_dir = Path(logits_dir)
+        logits_dir.mkdir(parents=True, exist_ok=True)
+
+    model = build_model(arch, data.num_classes, data.in_channels, data.image_size)
+    for position in range(done, len(members)):
+        run, epoch = members[position]
+        load_weights(model, run_dirs[run], epoch)
+        model.to(device)
+        out = tmp = None
+        if logits_dir is not None:
+            final = logits_dir / member_file_name(position, run, epoch)
+            tmp = final.with_name(final.name + ".tmp")
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, data.num_classes))
+        for start, logits in predict_batches(model, data, split, device, batch_size, indices, amp):
+            acc.update(logits, start=start)
+            if out is not None:
+                out[start : start + logits.shape[0]] = logits.cpu().numpy().astype(np.float16)
+        if out is not None:
+            out.flush()
+            del out
+            os.replace(tmp, final)
+        if state_dir is not None:
+            acc.save(state_dir / "accumulator.pt")
+            atomic_json(state_dir / "progress.json", {"done": position + 1, "members": [list(m) for m in members[: position + 1]]})
+        if progress is not None:
+            progress.update(1)
+        if hook is not None:
+            hook("member", position=position, run=run, epoch=epoch)
+    return acc.finalize()
+
+
+def ensemble_val_accuracy(data, run_dirs, members, arch: str, device="auto", batch_size: int = 512, amp: bool = True) -> float:
+    """Top-1 validation accuracy of the members' averaged softmax (the paper's ensemble output)."""
+    device = resolve_device(device)
+    model = build_model(arch, data.num_classes, data.in_channels, data.image_size)
+    probs = torch.zeros(len(data.val_labels), data.num_classes, device=device)
+    for run, epoch in members:
+        load_weights(model, run_dirs[run], epoch)
+        model.to(device)
+        for start, logits in predict_batches(model, data, "val", device, batch_size, amp=amp):
+            probs[start : start + logits.shape[0]] += logits.softmax(-1)
+    return float((probs.argmax(-1).cpu() == data.val_labels).float().mean())
+
+
+def open_logit_files(paths) -> list[np.ndarray]:
+    """Read-only memory maps of per-member [N, K] logit files, checked to agree in shape."""
+    arrays = []
+    for p in paths:
+        try:
+            a = np.load(p, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{p}: not a readable .npy logits file ({e})") from e
+        if a.ndim != 2:
+            raise ValueError(f"{p}: expected [N, K] logits of one member, got shape {a.shape}")
+        if arrays and a.shape != arrays[0].shape:
+            raise ValueError(f"{p}: shape {a.shape} differs from {paths[0]}'s {arrays[0].shape}")
+        arrays.append(a)
+    if not arrays:
+        raise ValueError("no logit files given")
+    return arrays
+
+
+def score_files(paths, labels=None, chunk_samples: int = 65536, device="cpu", backend: str = "auto") -> Scores:
+    """Fused scoring of memory-mapped per-member logit files (in the given member order).
+
+    Samples are independent, so the [E, N, K] block is scored in slices of `chunk_samples` rows:
+    each slice is read once from every file and reduced by the fused kernel; memory stays at
+    E x chunk x K values whatever N is.
+    """
+    arrays = open_logit_files(paths)
+    n = arrays[0].shape[0]
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels))
+        if labels.shape != (n,):
+            raise ValueError(f"labels: expected shape [{n}], got {tuple(labels.shape)}")
+    parts = []
+    for s in range(0, n, chunk_samples):
+        block = torch.from_numpy(np.stack([a[s : s + chunk_samples] for a in arrays])).to(device)
+        parts.append(score(block, None if labels is None else labels[s : s + chunk_samples], backend=backend).to_dict())
+    fields = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    for name in _fields.LABEL_FIELDS:
+        fields.setdefault(name, None)
+    return Scores(num_members=len(arrays), **fields)

@@ -1,0 +1,346 @@
+"""The selection loop (paper, Algorithm 1 and section 2.1): acquisition models score the pool, the
+most uncertain samples form the subset, subset models train on it and are evaluated.
+
+Schemes:
+
+- `build_up`: start from a random subset of `initial` samples; the models trained on the current
+  subset are the acquisition model that picks the samples added to reach the next size, from the
+  samples not yet selected; one iteration per size.
+- `compress`: the acquisition model is trained on the whole pool; each subset is the top of its
+  scores; subset models train from scratch.
+- `pretrain`: the same subsets as compress; each subset model starts from the whole-pool model of
+  its seed and is fine-tuned at `finetune_lr` (1e-3).
+
+`random` as a method draws subsets from one random permutation of the pool per trial, so the
+random subsets of a trial are nested (and in build_up contain the initial subset). Within a trial
+every method's run r uses the same seed, so models differ only by their data; the first build-up
+step's acquisition model (trained on the shared initial subset) is shared by every method.
+
+The run directory (`out`) holds every stage's output and nothing is recomputed that exists:
+
+    config.json
+    trial{t}/full/run{r}/...            whole-pool models (baseline; compress/pretrain acquisition)
+    trial{t}/init/subset.npy, run{r}/   build_up's random start
+    trial{t}/{method}/size{n}/subset.npy, run{r}/epoch_NNN.pt, metrics.json
+    .../acquisition/scores.pt           scores of the samples not in that stage's subset
+    results.csv, summary.csv, report.md, accuracy.png
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._fields import DIRECTION
+from .data import load_dataset
+from .ensembles import ensemble_members
+from .inference import ensemble_val_accuracy, score_members
+from .scores import Scores
+from .training import TrainConfig, atomic_json, atomic_torch_save, train_run
+
+SCHEMES = ("build_up", "pretrain", "compress")
+
+
+@dataclass
+class ExperimentConfig:
+    data: str = "digits"
+    data_root: str | None = None
+    image_size: int = 224
+    workers: int = 2  # DataLoader workers for ImageFolder
+    scheme: str = "build_up"
+    methods: tuple[str, ...] = ("mutual_info", "variation_ratio", "random")
+    sizes: tuple[float | int, ...] = (0.2, 0.4)  # fractions of the pool (float) or counts (int)
+    initial: float | int = 0.1  # build_up: the random start
+    trials: int = 3
+    runs: int = 2  # seeds per model (subset models and acquisition models alike)
+    ensemble: str = "combined"  # the acquisition model's configuration
+    last: int = 4  # its n (checkpoints / combined)
+    stride: int = 1
+    exclude_top: float = 0.0  # fraction of the most uncertain skipped as outliers (Table 5)
+    full: bool = True  # train the whole-pool baseline
+    finetune_lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    save_logits: bool = False  # also write each member's float16 logits under acquisition/logits
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme={self.scheme!r}: choose one of {', '.join(SCHEMES)}")
+        self.methods = tuple(self.methods)
+        for m in self.methods:
+            if m != "random" and m not in DIRECTION:
+                raise ValueError(f"method {m!r}: expected 'random' or a score among {', '.join(sorted(DIRECTION))}")
+        if not self.methods:
+            raise ValueError("methods: give at least one acquisition method")
+        if not self.sizes:
+            raise ValueError("sizes: give at least one subset size")
+        self.sizes = tuple(self.sizes)
+        for name in ("trials", "runs", "last", "stride"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be at least 1")
+        if not 0.0 <= self.exclude_top < 1.0:
+            raise ValueError(f"exclude_top={self.exclude_top!r}: expected a fraction in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_size(text: str) -> float | int:
+    """'0.25' or '25%' is a fraction of the pool, '300' a count."""
+    text = str(text).strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise ValueError(f"size {text!r}: expected a fraction (0.25, 25%) or a count (300)") from None
+
+
+def size_count(size: float | int, pool: int) -> int:
+    if isinstance(size, float):
+        if not 0.0 < size <= 1.0:
+            raise ValueError(f"size {size}: a fraction must lie in (0, 1]")
+        count = round(size * pool)
+    else:
+        count = int(size)
+    if not 1 <= count <= pool:
+        raise ValueError(f"size {size}: {count} samples, but the pool has {pool}")
+    return count
+
+
+class Experiment:
+    """One experiment in one run directory. `run()` does (or resumes) everything and returns the
+    per-trial result rows; `hook(event, **info)` sees every epoch, scored member and stage."""
+
+    def __init__(self, cfg: ExperimentConfig, out: str | Path, hook=None, progress: bool = True, log=print):
+        self.cfg, self.out, self.hook, self.log = cfg, Path(out), hook, log
+        self.progress = progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        saved = self.out / "config.json"
+        mine = json.loads(json.dumps(cfg.to_dict()))
+        if saved.exists():
+            theirs = json.loads(saved.read_text())
+            if theirs != mine:
+                diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+                raise ValueError(f"{self.out} holds a run with another configuration (differs in {', '.join(diff)}); use another --out")
+        else:
+            atomic_json(saved, mine)
+        self.data = load_dataset(cfg.data, cfg.data_root, cfg.image_size, cfg.workers)
+        self.pool = self.data.num_train
+        self.counts = [size_count(s, self.pool) for s in cfg.sizes]
+        if sorted(set(self.counts)) != self.counts:
+            raise ValueError(f"sizes {cfg.sizes}: expected increasing sizes, got counts {self.counts}")
+        if cfg.scheme == "build_up":
+            self.initial = size_count(cfg.initial, self.pool)
+            if self.initial >= self.counts[0]:
+                raise ValueError(f"initial={cfg.initial} ({self.initial} samples) must be smaller than the first size ({self.counts[0]})")
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def _seed(self, trial: int, run: int) -> int:
+        return self.cfg.seed * 1_000_003 + trial * 1000 + run
+
+    def _permutation(self, trial: int) -> np.ndarray:
+        return np.random.default_rng([self.cfg.seed, trial, 7]).permutation(self.pool)
+
+    def _bar(self, total, desc):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def _subset(self, stage: Path, make) -> np.ndarray:
+        path = stage / "subset.npy"
+        if path.exists():
+            return np.load(path)
+        stage.mkdir(parents=True, exist_ok=True)
+        subset = np.sort(np.asarray(make(), dtype=np.int64))
+        tmp = stage / "subset.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, subset)
+        tmp.replace(path)
+        return subset
+
+    def _train(self, stage: Path, subset: np.ndarray, trial: int, init_stage: Path | None = None) -> list[dict]:
+        cfg = self.cfg
+        summaries = []
+        for r in range(cfg.runs):
+            bar = None
+            run_dir = stage / f"run{r}"
+            if not (run_dir / "done.json").exists():
+                bar = self._bar(cfg.train.run_epochs(len(subset)) if cfg.train.schedule == "step" else cfg.train.max_epochs,
+                                f"{stage.relative_to(self.out)}/run{r}")
+            init = lr = None
+            if init_stage is not None:  # pretrain: fine-tune run r of the whole-pool model
+                init_summary = json.loads((init_stage / f"run{r}" / "done.json").read_text())
+                init, lr = (init_stage / f"run{r}", init_summary["epochs"]), cfg.finetune_lr
+            summaries.append(
+                train_run(self.data, torch.from_numpy(subset), self._seed(trial, r), cfg.train, run_dir,
+                          cfg.device, init=init, lr=lr, hook=self.hook, progress=bar)
+            )
+            if bar is not None:
+                bar.close()
+        return summaries
+
+    def _evaluate(self, stage: Path, subset: np.ndarray, trial: int, method: str, init_stage=None) -> dict:
+        path = stage / "metrics.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        t0 = time.perf_counter()
+        summaries = self._train(stage, subset, trial, init_stage)
+        run_dirs = [stage / f"run{r}" for r in range(self.cfg.runs)]
+        seeds = ensemble_members("seeds", summaries)
+        ens = ensemble_val_accuracy(self.data, run_dirs, seeds, self.cfg.train.arch, self.cfg.device,
+                                    self.cfg.train.eval_batch_size, self.cfg.train.amp)
+        single = [s["best_val_acc"] for s in summaries]
+        metrics = {
+            "trial": trial,
+            "method": method,
+            "size": int(len(subset)),
+            "fraction": len(subset) / self.pool,
+            "single_acc": float(np.mean(single)),
+            "single_accs": single,
+            "ensemble_acc": ens,
+            "ensemble_members": len(seeds),
+            "epochs": [s["epochs"] for s in summaries],
+            "seconds": time.perf_counter() - t0,
+        }
+        atomic_json(path, metrics)
+        self._event("stage", stage=stage, kind="train")
+        self.log(f"  {stage.relative_to(self.out)}: {len(subset)} samples, single {metrics['single_acc']:.4f}, "
+                 f"ensemble of {len(seeds)} {ens:.4f}")
+        return metrics
+
+    def _scores(self, stage: Path, subset: np.ndarray) -> tuple[np.ndarray, Scores]:
+        """The acquisition model of `stage` (its runs) scores the pool samples outside `subset`."""
+        out = stage / "acquisition"
+        path = out / "scores.pt"
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            return saved["indices"].numpy(), _scores_from(saved)
+        cfg = self.cfg
+        candidates = np.setdiff1d(np.arange(self.pool), subset)
+        summaries = [json.loads((stage / f"run{r}" / "done.json").read_text()) for r in range(cfg.runs)]
+        members = ensemble_members(cfg.ensemble, summaries, n=cfg.last, stride=cfg.stride)
+        bar = self._bar(len(members), f"{stage.relative_to(self.out)}/acquisition")
+        scores = score_members(
+            self.data, [stage / f"run{r}" for r in range(cfg.runs)], members, cfg.train.arch,
+            indices=torch.from_numpy(candidates), device=cfg.device,
+            logits_dir=(out / "logits") if cfg.save_logits else None, state_dir=out / "state",
+            batch_size=cfg.train.eval_batch_size, amp=cfg.train.amp, progress=bar, hook=self.hook,
+        )
+        if bar is not None:
+            bar.close()
+        payload = {
+            "indices": torch.from_numpy(candidates),
+            "num_members": scores.num_members,
+            "fields": {k: v.cpu() for k, v in scores.to_dict().items()},
+            "members": [list(m) for m in members],
+        }
+        atomic_torch_save(payload, path)
+        scores = _scores_from(payload)
+        self._event("stage", stage=stage, kind="scores")
+        return candidates, scores
+
+    def _acquire(self, stage: Path, subset: np.ndarray, method: str, count: int) -> np.ndarray:
+        """`count` new samples for `method` from the acquisition model of `stage`."""
+        candidates, scores = self._scores(stage, subset)
+        picked = scores.top(count, by=method, exclude_top=self.cfg.exclude_top)
+        return candidates[picked.numpy()]
+
+    def _event(self, event, **info):
+        if self.hook is not None:
+            self.hook(event, **info)
+
+    # -- schemes -----------------------------------------------------------------------------
+
+    def run(self) -> list[dict]:
+        cfg = self.cfg
+        rows = []
+        for t in range(cfg.trials):
+            self.log(f"trial {t + 1}/{cfg.trials}")
+            trial_dir = self.out / f"trial{t}"
+            perm = self._permutation(t)
+            full_dir = trial_dir / "full"
+            if cfg.full or cfg.scheme != "build_up":
+                rows.append(self._evaluate(full_dir, self._subset(full_dir, lambda: np.arange(self.pool)), t, "full"))
+            if cfg.scheme == "build_up":
+                rows += self._build_up(t, trial_dir, perm)
+            else:
+                rows += self._single_step(t, trial_dir, perm, full_dir)
+        from .report import write_report
+
+        write_report(self.out, rows, cfg, self.pool)
+        return rows
+
+    def _build_up(self, t: int, trial_dir: Path, perm: np.ndarray) -> list[dict]:
+        rows = []
+        init_dir = trial_dir / "init"
+        init = self._subset(init_dir, lambda: perm[: self.initial])
+        rows.append(self._evaluate(init_dir, init, t, "initial"))
+        for method in self.cfg.methods:
+            prev_dir, prev = init_dir, init
+            for i, count in enumerate(self.counts):
+                stage = trial_dir / method / f"size{count}"
+                if method == "random":
+                    subset = self._subset(stage, lambda: perm[:count])
+                else:
+                    subset = self._subset(
+                        stage, lambda: np.concatenate([prev, self._acquire(prev_dir, prev, method, count - len(prev))])
+                    )
+                rows.append(self._evaluate(stage, subset, t, method))
+                prev_dir, prev = stage, subset
+        return rows
+
+    def _single_step(self, t: int, trial_dir: Path, perm: np.ndarray, full_dir: Path) -> list[dict]:
+        rows = []
+        init_stage = full_dir if self.cfg.scheme == "pretrain" else None
+        everything = np.array([], dtype=np.int64)
+        for method in self.cfg.methods:
+            for count in self.counts:
+                stage = trial_dir / method / f"size{count}"
+                if method == "random":
+                    subset = self._subset(stage, lambda: perm[:count])
+                else:
+                    subset = self._subset(stage, lambda: self._acquire(full_dir, everything, method, count))
+                rows.append(self._evaluate(stage, subset, t, method, init_stage))
+        return rows
+
+
+def _scores_from(saved: dict) -> Scores:
+    fields = dict(saved["fields"])
+    for name in ("error_count", "forgetting", "nll"):
+        fields.setdefault(name, None)
+    return Scores(num_members=saved["num_members"], **fields)
+
+
+def transfer(subset_path: str | Path, cfg: ExperimentConfig, out: str | Path, log=print, hook=None, progress=True) -> list[dict]:
+    """Trains `cfg.runs` models of `cfg.train.arch` on a saved subset (paper Table 4), once per
+    trial, and evaluates them alone and as an ensemble of their seeds. Writes out/trial{t}/ and
+    out/results.csv; returns the per-trial metrics."""
+    out = Path(out)
+    subset = np.load(subset_path)
+    exp = Experiment.__new__(Experiment)
+    exp.cfg, exp.out, exp.hook, exp.log, exp.progress = cfg, out, hook, log, progress
+    out.mkdir(parents=True, exist_ok=True)
+    exp.data = load_dataset(cfg.data, cfg.data_root, cfg.image_size, cfg.workers)
+    exp.pool = exp.data.num_train
+    if subset.ndim != 1 or len(subset) == 0 or subset.min() < 0 or subset.max() >= exp.pool:
+        raise ValueError(f"{subset_path}: expected a 1-D array of pool indices in [0, {exp.pool})")
+    if len(np.unique(subset)) != len(subset):
+        raise ValueError(f"{subset_path}: the subset repeats indices")
+    subset = exp._subset(out, lambda: subset)
+    rows = [exp._evaluate(out / f"trial{t}", subset, t, cfg.train.arch) for t in range(cfg.trials)]
+    from .report import write_table_csv
+
+    write_table_csv(out / "results.csv", rows)
+    return rows

@@ -1,0 +1,261 @@
+"""The active-learning layer's parts: models, schedules, ensemble configurations, consensus, fused
+scoring of memory-mapped logit files, and the CIFAR / ImageFolder on-disk formats."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ensel
+from ensel.consensus import consensus_counts
+from ensel.ensembles import ensemble_members
+from ensel.inference import score_files
+from ensel.loop import parse_size, size_count
+from ensel.models import build_model
+from ensel.training import TrainConfig, _Schedule
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "densenet121"])
+def test_models_small_stem_any_channels(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=7, in_channels=1, image_size=8).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 8, 8))
+    assert out.shape == (2, 7)
+    stem = model.features.conv0 if arch == "densenet121" else model.conv1
+    assert (stem.kernel_size, stem.stride, stem.in_channels) == ((3, 3), (1, 1), 1)
+
+
+def test_resnet10_is_one_basic_block_per_stage_and_large_stem_keeps_7x7():
+    model = build_model("resnet10", num_classes=10, in_channels=2, image_size=224)
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    assert (model.conv1.kernel_size, model.conv1.stride, model.conv1.in_channels) == ((7, 7), (2, 2), 2)
+    assert isinstance(model.maxpool, nn.MaxPool2d)
+    with pytest.raises(ValueError, match="unknown"):
+        build_model("vgg11", 10)
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+
+def test_step_schedule_scales_the_paper_milestones():
+    cfg = TrainConfig(epochs=150)
+    assert cfg.step_milestones(150) == [70, 130]
+    assert cfg.step_milestones(6) == [3, 5]  # 2.8 and 5.2 rounded
+    sched = _Schedule(cfg, 0.1, 6)
+    lrs = []
+    for e in range(1, 7):
+        lrs.append(sched.lr)
+        stop = sched.after_epoch(e, 0.5)
+    assert stop and lrs == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.001])
+    # min_steps: 100 samples in batches of 32 are 4 steps per epoch; 30 steps need 8 epochs.
+    assert TrainConfig(epochs=5, min_steps=30, batch_size=32).run_epochs(100) == 8
+    assert TrainConfig(epochs=5, min_steps=30, batch_size=32).run_epochs(1000) == 5
+
+
+def test_patience_schedule_drops_then_stops_after_twice_the_patience():
+    cfg = TrainConfig(schedule="patience", patience=2, max_epochs=50)
+    sched = _Schedule(cfg, 0.1, 0)
+    # epochs:        1    2    3    4    5    6    7    8    9    10
+    accs = [0.5, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
+    # gains at 1, 2, 5; two epochs without gain after 2 (3, 4) drop lr; 5 gains (lr stays);
+    # 6, 7 without gain drop again; then 4 (= 2 x patience) more without gain stop at epoch 11.
+    lrs, stops = [], []
+    for e, a in enumerate(accs + [0.7], start=1):
+        lrs.append(sched.lr)
+        stops.append(sched.after_epoch(e, a))
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001, 0.001, 0.001])
+    assert stops == [False] * 10 + [True]
+    capped = _Schedule(TrainConfig(schedule="patience", patience=5, max_epochs=3), 0.1, 0)
+    assert [capped.after_epoch(e, e / 10) for e in (1, 2, 3)] == [False, False, True]
+
+
+# -- ensembles ------------------------------------------------------------------------------------
+
+
+def _runs():
+    return [
+        {"epochs": 10, "best_epoch": 7, "kept_epochs": list(range(1, 11))},
+        {"epochs": 12, "best_epoch": 12, "kept_epochs": list(range(1, 13))},
+        {"epochs": 9, "best_epoch": 4, "kept_epochs": [4, 6, 7, 8, 9]},
+    ]
+
+
+def test_ensemble_configurations_by_hand():
+    runs = _runs()
+    assert ensemble_members("seeds", runs) == [(0, 7), (1, 12), (2, 4)]
+    assert ensemble_members("checkpoints", runs, n=3, run=1) == [(1, 10), (1, 11), (1, 12)]
+    # the paper's "5 checkpoints" (epochs 130:5:150) in small: every 5th epoch from the last
+    assert ensemble_members("checkpoints", runs, n=2, run=0, stride=5) == [(0, 5), (0, 10)]
+    assert ensemble_members("combined", runs, n=2) == [(0, 9), (0, 10), (1, 11), (1, 12), (2, 8), (2, 9)]
+    assert ensemble_members("single", runs, run=2) == [(2, 9)]
+    with pytest.raises(ValueError, match="run 2 epoch 5 was not kept"):
+        ensemble_members("combined", runs, n=5)
+    with pytest.raises(ValueError, match="choose one of"):
+        ensemble_members("bagging", runs)
+
+
+# -- consensus ------------------------------------------------------------------------------------
+
+
+def test_consensus_hand_computed():
+    # 4 checkpoints (oldest first) over 4 samples; the last is [0, 2, 2, 0].
+    a = [np.array([0, 1, 2, 3]), np.array([0, 1, 2, 0]), np.array([0, 2, 2, 0]), np.array([0, 2, 2, 0])]
+    c = consensus_counts(a)
+    # n=2: the last two agree everywhere; n=3 adds [0,1,2,0]: sample 1 differs; n=4 adds
+    # [0,1,2,3]: sample 3 differs too. Pairs: (3,4) 4, (2,3) 3 (sample 1), (1,2) 3 (sample 3).
+    assert c == {"n": [2, 3, 4], "all": [4, 3, 2], "pair": [4, 3, 3], "num_samples": 4}
+    with pytest.raises(ValueError, match="at least 2"):
+        consensus_counts(a[:1])
+
+
+def test_consensus_cli_on_logit_files_uses_lowest_index_ties(tmp_path, capsys):
+    from ensel.cli import main
+
+    # member logits whose argmaxes are the rows of the hand example above, with a tie in the
+    # first member's sample 0 (classes 0 and 3 equal: argmax 0).
+    argmaxes = [[0, 1, 2, 3], [0, 1, 2, 0], [0, 2, 2, 0], [0, 2, 2, 0]]
+    files = []
+    for i, am in enumerate(argmaxes):
+        x = np.zeros((4, 4), dtype=np.float16)
+        x[np.arange(4), am] = 1.0
+        if i == 0:
+            x[0, 3] = 1.0
+        files.append(str(tmp_path / f"m{i}.npy"))
+        np.save(files[-1], x)
+    assert main(["consensus", *files, "--out", str(tmp_path / "c")]) == 0
+    csv = (tmp_path / "c" / "consensus.csv").read_text().splitlines()
+    assert csv[1:] == ["files,2,4,4", "files,3,3,3", "files,4,2,3"]
+    assert (tmp_path / "c" / "consensus.png").stat().st_size > 0
+
+
+# -- scoring memory-mapped files ------------------------------------------------------------------
+
+
+def test_score_files_equals_in_memory_score(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(5, 301, 7, generator=g) * 3).half()
+    logits[1, 5] = logits[3, 5]  # ties between members
+    labels = torch.randint(0, 7, (301,), generator=g)
+    paths = []
+    for e in range(5):
+        path = tmp_path / f"member{e}.npy"
+        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(301, 7))
+        mm[:] = logits[e].numpy()
+        mm.flush()
+        del mm
+        paths.append(path)
+    expected = ensel.score(logits, labels=labels)
+    got = score_files(paths, labels=labels.numpy(), chunk_samples=64)  # 5 slices, the last partial
+    assert got.num_members == 5
+    for name, value in expected.to_dict().items():
+        assert torch.equal(getattr(got, name), value), name
+
+
+def test_score_cli_writes_scores_and_selection(tmp_path):
+    from ensel.cli import main
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 50, 4, generator=g)
+    paths = []
+    for e in range(3):
+        paths.append(str(tmp_path / f"m{e}.npy"))
+        np.save(paths[-1], logits[e].numpy().astype(np.float16))
+    out, top = tmp_path / "scores.pt", tmp_path / "top.npy"
+    assert main(["score", *paths, "--out", str(out), "--top", "10", "--by", "variation_ratio", "--top-out", str(top)]) == 0
+    saved = torch.load(out, weights_only=True)
+    expected = ensel.score(logits.half())
+    assert torch.equal(saved["fields"]["mutual_info"], expected.mutual_info)
+    assert np.array_equal(np.load(top), expected.top(10, by="variation_ratio").numpy())
+    np.save(tmp_path / "bad.npy", np.zeros((49, 4), np.float16))
+    assert main(["score", paths[0], str(tmp_path / "bad.npy")]) == 2  # shape mismatch: a clear error
+
+
+# -- sizes ----------------------------------------------------------------------------------------
+
+
+def test_sizes_fractions_and_counts():
+    assert parse_size("0.25") == 0.25 and parse_size("25%") == 0.25 and parse_size("300") == 300
+    assert size_count(0.25, 1348) == 337 and size_count(300, 1348) == 300 and size_count(1.0, 10) == 10
+    with pytest.raises(ValueError):
+        size_count(2000, 1348)
+    with pytest.raises(ValueError):
+        parse_size("a lot")
+
+
+# -- on-disk formats ------------------------------------------------------------------------------
+
+
+def _write_cifar(root, num_classes, per_batch=6, test=8):
+    rng = np.random.default_rng(0)
+
+    def batch(n, label_key):
+        labels = rng.integers(0, num_classes, n).tolist()
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: labels}, labels
+
+    if num_classes == 10:
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        labels = []
+        for i in range(1, 6):
+            b, ls = batch(per_batch, "labels")
+            labels += ls
+            (folder / f"data_batch_{i}").write_bytes(pickle.dumps(b))
+        t, _ = batch(test, "labels")
+        (folder / "test_batch").write_bytes(pickle.dumps(t))
+        (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+        first = b  # noqa: F841
+        return labels
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    b, labels = batch(5 * per_batch, "fine_labels")
+    (folder / "train").write_bytes(pickle.dumps(b))
+    t, _ = batch(test, "fine_labels")
+    (folder / "test").write_bytes(pickle.dumps(t))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
+    return labels
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+def test_cifar_from_the_pickled_layout(tmp_path, num_classes):
+    from ensel.data import load_dataset
+
+    labels = _write_cifar(tmp_path, num_classes)
+    data = load_dataset(f"cifar{num_classes}", tmp_path)
+    assert (data.num_train, len(data.val_labels), data.num_classes) == (30, 8, num_classes)
+    assert (data.in_channels, data.image_size) == (3, 32)
+    assert data.train_labels.tolist() == labels
+    # training batches: random crop (pad 4) and flip keep the shape; the pixels are normalized
+    g = torch.Generator().manual_seed(0)
+    batches = list(data.train_batches(torch.arange(30), 16, g, "cpu"))
+    assert [tuple(x.shape) for x, _ in batches] == [(16, 3, 32, 32), (14, 3, 32, 32)]
+    (_, x), = list(data.eval_batches("train", 64, "cpu"))
+    assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05
+    with pytest.raises(ValueError, match="no readable dataset"):
+        load_dataset(f"cifar{num_classes}", tmp_path / "missing")
+
+
+def test_imagefolder_from_class_folders_of_pngs(tmp_path):
+    from PIL import Image
+
+    from ensel.data import load_dataset
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for c in ("cat", "dog", "fox"):
+            d = tmp_path / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    data = load_dataset("imagefolder", tmp_path, image_size=32, workers=0)
+    assert (data.num_train, len(data.val_labels), data.num_classes, data.image_size) == (12, 6, 3, 32)
+    assert data.train_labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    g = torch.Generator().manual_seed(0)
+    (x, y), = list(data.train_batches(torch.tensor([0, 5, 11]), 8, g, "cpu"))
+    assert x.shape == (3, 3, 32, 32) and sorted(y.tolist()) == [0, 1, 2]
+    starts = [(s, tuple(x.shape)) for s, x in data.eval_batches("val", 4, "cpu")]
+    assert starts == [(0, (4, 3, 32, 32)), (4, (2, 3, 32, 32))]
