@@ -32,10 +32,8 @@ def _interpreting() -> bool:
 
 
 def _launch():
-    from .. import kernels
     from ..kernels import launch
 
-    del kernels
     return launch
 
 
