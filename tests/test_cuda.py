@@ -214,6 +214,24 @@ def test_block_kernel_with_pbar_beyond_shared_memory():
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_shared_memory_just_below_48_kb_with_the_static_arrays(dtype):
+    """K = 12200: K floats of dynamic shared memory (47.7 KB) plus the block and finalize kernels'
+    static arrays (0.7 to 1.7 KB) exceed the 48 KB a block gets without the opt-in, although the
+    dynamic part alone does not: the launchers must opt in on the sum (they once tested the dynamic
+    part alone, and these launches failed)."""
+    E, N, K = 2, 5, 12200
+    logits = make_logits(E, N, K, dtype, kind="masked", seed=9)
+    labels = make_labels(N, K, seed=9)
+    fused = ensel.score(logits.cuda(), labels=labels.cuda(), backend="cuda")
+    assert_matches_reference(_to_cpu(fused), logits, labels)
+    acc = ensel.Accumulator(N, K, labels=labels.cuda(), device="cuda", backend="cuda")
+    for member in logits.cuda():
+        acc.update(member)
+    assert_streaming_matches_fused(acc.finalize(), fused, K)
+
+
+@needs_gpu
 @pytest.mark.parametrize("shape", [(4, 33, 10), (3, 70, 100), (3, 9, 1000), (2, 4, 1500)], ids=_shape_id)
 def test_streaming_matches_fused_and_reference(shape):
     E, N, K = shape

@@ -62,11 +62,18 @@ inline int device_attribute(cudaDeviceAttr attr, int device) {
   return value;
 }
 
-// Lets `kernel` use `bytes` of dynamic shared memory (above 48 KB needs the opt-in).
+// Lets `kernel` launch with `dynamic_bytes` of dynamic shared memory. Without the opt-in a block
+// gets 48 KB in all, its static shared memory included: a kernel with 1.4 KB of static arrays fails
+// to launch with 47.5 to 48 KB of dynamic memory, so the test is on the sum, not on dynamic_bytes.
+// The limit is raised to the most the kernel can ever use on this device (optin - static), never to
+// this launch's size: the attribute belongs to the function, and a concurrent call (the bindings
+// release the GIL) that set a smaller value between this call's set and its launch would make it fail.
 template <typename Kernel>
-void allow_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+void allow_shared_memory(Kernel kernel, const cudaFuncAttributes& attributes, size_t dynamic_bytes, int64_t optin) {
+  const int64_t static_bytes = static_cast<int64_t>(attributes.sharedSizeBytes);
+  if (static_cast<int64_t>(dynamic_bytes) + static_bytes > 48 * 1024)
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(optin - static_bytes)),
                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
 }
 

@@ -372,7 +372,7 @@ BlockPlan plan_block(int64_t E, int64_t N, int64_t K, int device) {
   BlockPlan plan;
   plan.pbar_in_smem = K * 4 + static_cast<int64_t>(attributes.sharedSizeBytes) <= optin;
   plan.smem = plan.pbar_in_smem ? static_cast<size_t>(K) * 4 : 0;
-  allow_shared_memory(kernel, plan.smem);
+  allow_shared_memory(kernel, attributes, plan.smem, optin);
   const int64_t resident = resident_blocks(kernel, kBlockThreads, plan.smem, device);
   plan.grid = N < resident ? N : resident;
   plan.bytes = kWorkspaceHeader + round_up(plan.grid * E * 4, 256) + (plan.pbar_in_smem ? 0 : plan.grid * K * 4);

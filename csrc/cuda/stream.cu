@@ -304,7 +304,7 @@ FinalizePlan plan_finalize(int64_t N, int64_t K, int device) {
   FinalizePlan plan;
   plan.counts_in_smem = K * 4 + static_cast<int64_t>(attributes.sharedSizeBytes) <= optin;
   plan.smem = plan.counts_in_smem ? static_cast<size_t>(K) * 4 : 0;
-  allow_shared_memory(kernel, plan.smem);
+  allow_shared_memory(kernel, attributes, plan.smem, optin);
   const int64_t resident = resident_blocks(kernel, kFinalizeThreads, plan.smem, device);
   plan.grid = N < resident ? N : resident;
   plan.bytes = kWorkspaceHeader + (plan.counts_in_smem ? 0 : plan.grid * K * 4);
