@@ -9,7 +9,7 @@ NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 .PHONY: demo test bench gpu-check clean
 
 demo: $(BUILD_STAMP)
-	$(PY) -m ensel.demo
+	$(PY) -m ensel demo
 
 test: $(BUILD_STAMP)
 	$(PY) -m pytest -q tests

@@ -52,6 +52,7 @@ class TrainConfig:
     gamma: float = 0.1
     batch_size: int = 128
     eval_batch_size: int = 512
+    validate_last: int | None = None  # step schedule: validate only the last n epochs (None: all)
     keep: int | None = None  # None keeps every epoch's checkpoint; n keeps the last n and the best
     checkpoint_dtype: str = "float16"  # ensemble members only need half precision for inference
     amp: bool = True  # bfloat16 autocast on CUDA devices
@@ -62,6 +63,8 @@ class TrainConfig:
         for name in ("epochs", "patience", "max_epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be at least 1")
+        if self.validate_last is not None and self.validate_last < 1:
+            raise ValueError(f"validate_last={self.validate_last!r}: at least 1, or None for every epoch")
         if self.keep is not None and self.keep < 1:
             raise ValueError(f"keep={self.keep!r}: keep at least one checkpoint, or None for all")
         if self.checkpoint_dtype not in ("float16", "bfloat16", "float32"):
@@ -243,10 +246,9 @@ def train_run(
             opt.step()
             loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
-        # The step schedule with `keep` validates only the epochs whose checkpoints are kept: the
-        # others can never be a run's best epoch, and a validation pass costs a third of an epoch
-        # on small subsets.
-        validate = cfg.schedule == "patience" or cfg.keep is None or epoch > schedule.epochs - cfg.keep
+        # A validation pass costs a third of an epoch on small subsets; the step schedule does not
+        # need it, and `validate_last` limits it (and so the choice of the best epoch) to the end.
+        validate = cfg.schedule == "patience" or cfg.validate_last is None or epoch > schedule.epochs - cfg.validate_last
         val_acc = accuracy(model, data, device, cfg.eval_batch_size, cfg.amp) if validate else None
         history.append({"epoch": epoch, "lr": schedule.lr, "train_loss": loss_sum / seen, "val_acc": val_acc})
         stop = schedule.after_epoch(epoch, -1.0 if val_acc is None else val_acc)
