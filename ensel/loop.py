@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +67,10 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "auto"
     save_logits: bool = False  # also write each member's float16 logits under acquisition/logits
+    # Stages whose models never score anything (random subsets, the last build-up size, the
+    # whole-pool baseline of build_up) keep only their best and last checkpoints: their
+    # every-epoch weights would be most of the run directory's disk and are never read.
+    prune_unused: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -170,8 +174,10 @@ class Experiment:
         tmp.replace(path)
         return subset
 
-    def _train(self, stage: Path, subset: np.ndarray, trial: int, init_stage: Path | None = None) -> list[dict]:
+    def _train(self, stage: Path, subset: np.ndarray, trial: int, init_stage: Path | None = None,
+               scores_later: bool = True) -> list[dict]:
         cfg = self.cfg
+        train_cfg = cfg.train if scores_later or not cfg.prune_unused else replace(cfg.train, keep=1)
         summaries = []
         for r in range(cfg.runs):
             bar = None
@@ -184,19 +190,22 @@ class Experiment:
                 init_summary = json.loads((init_stage / f"run{r}" / "done.json").read_text())
                 init, lr = (init_stage / f"run{r}", init_summary["epochs"]), cfg.finetune_lr
             summaries.append(
-                train_run(self.data, torch.from_numpy(subset), self._seed(trial, r), cfg.train, run_dir,
+                train_run(self.data, torch.from_numpy(subset), self._seed(trial, r), train_cfg, run_dir,
                           cfg.device, init=init, lr=lr, hook=self.hook, progress=bar)
             )
             if bar is not None:
                 bar.close()
         return summaries
 
-    def _evaluate(self, stage: Path, subset: np.ndarray, trial: int, method: str, init_stage=None) -> dict:
+    def _evaluate(self, stage: Path, subset: np.ndarray, trial: int, method: str, init_stage=None,
+                  scores_later: bool = True) -> dict:
+        """Trains the stage's runs (if not done) and evaluates them. `scores_later`: the stage's
+        checkpoints will be an acquisition ensemble (or a fine-tuning start) later on."""
         path = stage / "metrics.json"
         if path.exists():
             return json.loads(path.read_text())
         t0 = time.perf_counter()
-        summaries = self._train(stage, subset, trial, init_stage)
+        summaries = self._train(stage, subset, trial, init_stage, scores_later)
         run_dirs = [stage / f"run{r}" for r in range(self.cfg.runs)]
         seeds = ensemble_members("seeds", summaries)
         ens = ensemble_val_accuracy(self.data, run_dirs, seeds, self.cfg.train.arch, self.cfg.device,
@@ -272,7 +281,8 @@ class Experiment:
             perm = self._permutation(t)
             full_dir = trial_dir / "full"
             if cfg.full or cfg.scheme != "build_up":
-                rows.append(self._evaluate(full_dir, self._subset(full_dir, lambda: np.arange(self.pool)), t, "full"))
+                everything = self._subset(full_dir, lambda: np.arange(self.pool))
+                rows.append(self._evaluate(full_dir, everything, t, "full", scores_later=cfg.scheme != "build_up"))
             if cfg.scheme == "build_up":
                 rows += self._build_up(t, trial_dir, perm)
             else:
@@ -297,7 +307,8 @@ class Experiment:
                     subset = self._subset(
                         stage, lambda: np.concatenate([prev, self._acquire(prev_dir, prev, method, count - len(prev))])
                     )
-                rows.append(self._evaluate(stage, subset, t, method))
+                acquires_next = method != "random" and i + 1 < len(self.counts)
+                rows.append(self._evaluate(stage, subset, t, method, scores_later=acquires_next))
                 prev_dir, prev = stage, subset
         return rows
 
@@ -312,7 +323,7 @@ class Experiment:
                     subset = self._subset(stage, lambda: perm[:count])
                 else:
                     subset = self._subset(stage, lambda: self._acquire(full_dir, everything, method, count))
-                rows.append(self._evaluate(stage, subset, t, method, init_stage))
+                rows.append(self._evaluate(stage, subset, t, method, init_stage, scores_later=False))
         return rows
 
 
@@ -339,7 +350,7 @@ def transfer(subset_path: str | Path, cfg: ExperimentConfig, out: str | Path, lo
     if len(np.unique(subset)) != len(subset):
         raise ValueError(f"{subset_path}: the subset repeats indices")
     subset = exp._subset(out, lambda: subset)
-    rows = [exp._evaluate(out / f"trial{t}", subset, t, cfg.train.arch) for t in range(cfg.trials)]
+    rows = [exp._evaluate(out / f"trial{t}", subset, t, cfg.train.arch, scores_later=False) for t in range(cfg.trials)]
     from .report import write_table_csv
 
     write_table_csv(out / "results.csv", rows)
