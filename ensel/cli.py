@@ -174,13 +174,33 @@ def cmd_score(a) -> int:
         os.replace(tmp, out)
         print(f"wrote {out}")
     if a.top:
-        idx = s.top(a.top, by=a.by, exclude_top=a.exclude_top)
+        idx = s.top(a.top, by=a.by, exclude_top=a.exclude_top).numpy()
+        what = "file rows"
+        rows_path = _rows_file(a.files, a.rows)
+        if rows_path is not None:
+            # The files of an acquisition pass cover only the unselected samples: report pool indices.
+            rows = np.load(rows_path)["indices"]
+            if rows.shape != (s.num_samples,):
+                raise ValueError(f"{rows_path}: maps {rows.shape[0]} rows, but the files hold {s.num_samples}")
+            idx, what = rows[idx], f"sample indices (file rows mapped by {rows_path})"
         if a.top_out:
-            np.save(a.top_out, idx.numpy())
-            print(f"wrote the {a.top} indices to acquire by {a.by} to {a.top_out}")
+            np.save(a.top_out, idx)
+            print(f"wrote the {a.top} {what} to acquire by {a.by} to {a.top_out}")
         else:
-            print(f"top {a.top} by {a.by}: {idx.tolist()[:50]}{' ...' if a.top > 50 else ''}")
+            print(f"top {a.top} by {a.by}, {what}: {idx.tolist()[:50]}{' ...' if a.top > 50 else ''}")
     return 0
+
+
+def _rows_file(files, given):
+    """`--rows`, else the rows.npz that a scoring pass wrote beside all of `files`, else None."""
+    from .inference import ROWS_FILE
+
+    if given:
+        return Path(given)
+    folders = {Path(f).resolve().parent for f in files}
+    if len(folders) == 1 and (folders.pop() / ROWS_FILE).is_file():
+        return Path(files[0]).parent / ROWS_FILE
+    return None
 
 
 def cmd_transfer(a) -> int:
@@ -218,6 +238,8 @@ def cmd_consensus(a) -> int:
             arch = load_run(run_dir)["config"]["arch"]
             indices = None
             if a.unselected:
+                if a.split != "train":
+                    raise ValueError("consensus: --unselected picks pool (train) samples; it cannot go with --split val")
                 subset = np.load(run_dir.parent / "subset.npy")
                 indices = torch.from_numpy(np.setdiff1d(np.arange(data.num_train), subset))
             argmaxes = run_argmaxes(data, run_dir, arch, last=a.last, split=a.split, indices=indices, device=a.device)
@@ -259,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", default="combined", choices=("seeds", "checkpoints", "combined", "single"))
     p.add_argument("--last", type=int, default=20, help="checkpoints per run in the acquisition ensemble")
     p.add_argument("--stride", type=int, default=1, help="epochs between those checkpoints")
-    p.add_argument("--exclude-top", type=float, default=0.0, help="fraction of the most uncertain skipped as outliers")
+    p.add_argument("--exclude-top", type=float, default=0.0,
+                   help="fraction of the most uncertain scored samples skipped as outliers (of the whole pool in "
+                        "compress/pretrain, of the unselected samples in build_up)")
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="pretrain: lr of the fine-tuning")
     p.add_argument("--no-full", action="store_true", help="build_up: skip the whole-pool baseline")
     p.add_argument("--save-logits", action="store_true", help="also write each member's float16 logits (.npy)")
@@ -275,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="mutual_info", choices=sorted(_fields.DIRECTION))
     p.add_argument("--exclude-top", type=float, default=0.0)
     p.add_argument("--top-out", default=None, help="write the selected indices (.npy)")
+    p.add_argument("--rows", default=None,
+                   help="rows.npz mapping file rows to sample indices (default: the one beside the files, if any)")
     p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser("transfer", help="train another architecture on a saved subset (paper Table 4)")

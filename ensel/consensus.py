@@ -54,9 +54,16 @@ def run_argmaxes(data, run_dir: Path, arch: str, last: int = 20, split: str = "t
     `indices`), oldest first."""
     device = resolve_device(device)
     summary = load_run(run_dir)
-    epochs = [e for e in summary["kept_epochs"] if e > summary["epochs"] - last]
+    # Consecutive epochs only, back from the final one: a gap (a pruned epoch below a kept best
+    # one) would make "pair" compare checkpoints that are not neighbours.
+    kept, final = set(summary["kept_epochs"]), summary["epochs"]
+    epochs = []
+    for e in range(final, max(0, final - last), -1):
+        if e not in kept:
+            break
+        epochs.insert(0, e)
     if len(epochs) < 2:
-        raise ValueError(f"{run_dir}: fewer than 2 kept checkpoints among the last {last} epochs")
+        raise ValueError(f"{run_dir}: fewer than 2 consecutive kept checkpoints end the run (kept: {sorted(kept)})")
     model = build_model(arch, data.num_classes, data.in_channels, data.image_size)
     result = []
     for e in epochs:

@@ -181,7 +181,11 @@ class FolderDataset(Dataset):
 
     def train_batches(self, indices, batch_size, generator, device):
         # Workers draw their augmentation from torch's seed, which DataLoader derives from the
-        # generator: a fixed generator state fixes the order and the crops.
+        # generator: a fixed generator state fixes the order and the crops. Without workers the
+        # transforms draw from this process's global generator: seed it from `generator` too, or
+        # a resumed run (whose global generator state was not saved) would crop differently.
+        if self._workers == 0:
+            torch.manual_seed(int(torch.randint(0, 2**62, (), generator=generator)))
         loader = self._loader("train", self._train_tf, indices, batch_size, generator)
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -3,7 +3,8 @@
 The accumulator lives on the device that runs the model, so logits never leave it: batch by
 batch, one member at a time (the checkpoint-major order of DESIGN.md section 3). Optionally each
 member's logits are also written as a float16 `.npy` file ([N, K], memory-mapped while written),
-for later fused scoring with `score_files` (`ensel score FILES...`).
+for later fused scoring with `score_files` (`ensel score FILES...`); `rows.npz` beside them maps
+each file row to its sample (pool index), since a pass usually covers only the unselected samples.
 
 A scoring pass over hundreds of checkpoints can be interrupted: with `state_dir` the accumulator
 is saved after every member and a restarted pass skips the members already counted.
@@ -24,6 +25,9 @@ from .api import score
 from .models import build_model
 from .scores import Scores
 from .training import atomic_json, load_weights, predict_batches, resolve_device
+
+
+ROWS_FILE = "rows.npz"  # beside the member files: `indices`, the split's row of each file row
 
 
 def member_file_name(position: int, run: int, epoch: int) -> str:
@@ -64,17 +68,28 @@ def score_members(
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         marker = state_dir / "progress.json"
-        if marker.exists():
-            saved = json.loads(marker.read_text())
-            if [tuple(m) for m in saved["members"]] != [tuple(m) for m in members[: saved["done"]]]:
-                raise ValueError(f"{state_dir}: the saved scoring pass used other members; delete it to start over")
-            done = saved["done"]
+        if (state_dir / "accumulator.pt").exists():
+            # The accumulator's own member count says what it holds: a crash between writing
+            # progress.json (first) and the accumulator (second) leaves progress.json one member
+            # ahead, never behind, so no member is counted twice or lost.
             acc = Accumulator.load(state_dir / "accumulator.pt", device=device)
+            counts = acc.members
+            done = int(counts.max())
+            saved = json.loads(marker.read_text()) if marker.exists() else {"members": []}
+            used = [tuple(m) for m in saved["members"]][:done]
+            if int(counts.min()) != done or acc.num_samples != n or len(used) != done or used != [tuple(m) for m in members[:done]]:
+                raise ValueError(f"{state_dir}: the saved scoring pass used other members or samples; delete it to start over")
     if acc is None:
         acc = Accumulator(n, data.num_classes, labels=labels, device=device, num_members=len(members))
     if logits_dir is not None:
         logits_dir = Path(logits_dir)
         logits_dir.mkdir(parents=True, exist_ok=True)
+        # Row i of every member file is sample rows[i] of `split`: without this map, indices
+        # selected from the files (`ensel score --top`) could not be told apart from pool indices.
+        rows = np.arange(n, dtype=np.int64) if indices is None else torch.as_tensor(indices, dtype=torch.int64).numpy()
+        tmp_rows = logits_dir / "rows.tmp.npz"
+        np.savez(tmp_rows, indices=rows, split=np.array(split))
+        os.replace(tmp_rows, logits_dir / ROWS_FILE)
 
     model = build_model(arch, data.num_classes, data.in_channels, data.image_size)
     for position in range(done, len(members)):
@@ -95,8 +110,8 @@ def score_members(
             del out
             os.replace(tmp, final)
         if state_dir is not None:
-            acc.save(state_dir / "accumulator.pt")
             atomic_json(state_dir / "progress.json", {"done": position + 1, "members": [list(m) for m in members[: position + 1]]})
+            acc.save(state_dir / "accumulator.pt")
         if progress is not None:
             progress.update(1)
         if hook is not None:

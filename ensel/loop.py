@@ -29,6 +29,7 @@ The run directory (`out`) holds every stage's output and nothing is recomputed t
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -127,16 +128,6 @@ class Experiment:
     def __init__(self, cfg: ExperimentConfig, out: str | Path, hook=None, progress: bool = True, log=print):
         self.cfg, self.out, self.hook, self.log = cfg, Path(out), hook, log
         self.progress = progress
-        self.out.mkdir(parents=True, exist_ok=True)
-        saved = self.out / "config.json"
-        mine = json.loads(json.dumps(cfg.to_dict()))
-        if saved.exists():
-            theirs = json.loads(saved.read_text())
-            if theirs != mine:
-                diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
-                raise ValueError(f"{self.out} holds a run with another configuration (differs in {', '.join(diff)}); use another --out")
-        else:
-            atomic_json(saved, mine)
         self.data = load_dataset(cfg.data, cfg.data_root, cfg.image_size, cfg.workers)
         self.pool = self.data.num_train
         self.counts = [size_count(s, self.pool) for s in cfg.sizes]
@@ -146,6 +137,23 @@ class Experiment:
             self.initial = size_count(cfg.initial, self.pool)
             if self.initial >= self.counts[0]:
                 raise ValueError(f"initial={cfg.initial} ({self.initial} samples) must be smaller than the first size ({self.counts[0]})")
+        # Each acquisition takes count - selected samples from the pool - selected unselected ones,
+        # after skipping exclude_top of those (Scores.top): check now, not after hours of training.
+        if cfg.exclude_top and any(m != "random" for m in cfg.methods):
+            if cfg.scheme == "build_up":
+                steps = zip([self.initial, *self.counts[:-1]], self.counts)
+            else:
+                steps = ((0, c) for c in self.counts)
+            for selected, count in steps:
+                candidates = self.pool - selected
+                skip = int(cfg.exclude_top * candidates)
+                if count - selected > candidates - skip:
+                    raise ValueError(
+                        f"exclude_top={cfg.exclude_top}: acquiring {count - selected} of {candidates} unselected samples "
+                        f"leaves too few after skipping the {skip} most uncertain"
+                    )
+        # Only a valid configuration claims the directory: a typo must not lock it for the fix.
+        _claim_out(self.out, cfg)
 
     # -- pieces ------------------------------------------------------------------------------
 
@@ -256,6 +264,8 @@ class Experiment:
             "members": [list(m) for m in members],
         }
         atomic_torch_save(payload, path)
+        # The resumable accumulator (4 N K bytes and more) is no longer needed once scores.pt exists.
+        shutil.rmtree(out / "state", ignore_errors=True)
         scores = _scores_from(payload)
         self._event("stage", stage=stage, kind="scores")
         return candidates, scores
@@ -327,6 +337,20 @@ class Experiment:
         return rows
 
 
+def _claim_out(out: Path, cfg: ExperimentConfig) -> None:
+    """Records the configuration in out/config.json, or refuses a directory that holds another."""
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "config.json"
+    mine = json.loads(json.dumps(cfg.to_dict()))
+    if saved.exists():
+        theirs = json.loads(saved.read_text())
+        if theirs != mine:
+            diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+            raise ValueError(f"{out} holds a run with another configuration (differs in {', '.join(diff)}); use another --out")
+    else:
+        atomic_json(saved, mine)
+
+
 def _scores_from(saved: dict) -> Scores:
     fields = dict(saved["fields"])
     for name in ("error_count", "forgetting", "nll"):
@@ -342,14 +366,19 @@ def transfer(subset_path: str | Path, cfg: ExperimentConfig, out: str | Path, lo
     subset = np.load(subset_path)
     exp = Experiment.__new__(Experiment)
     exp.cfg, exp.out, exp.hook, exp.log, exp.progress = cfg, out, hook, log, progress
-    out.mkdir(parents=True, exist_ok=True)
     exp.data = load_dataset(cfg.data, cfg.data_root, cfg.image_size, cfg.workers)
     exp.pool = exp.data.num_train
     if subset.ndim != 1 or len(subset) == 0 or subset.min() < 0 or subset.max() >= exp.pool:
         raise ValueError(f"{subset_path}: expected a 1-D array of pool indices in [0, {exp.pool})")
     if len(np.unique(subset)) != len(subset):
         raise ValueError(f"{subset_path}: the subset repeats indices")
-    subset = exp._subset(out, lambda: subset)
+    # A resumed transfer must train on the same subset and recipe as the interrupted one: the
+    # stages it finds done would otherwise be reported for another subset or architecture.
+    _claim_out(out, cfg)
+    saved = exp._subset(out, lambda: subset)
+    if not np.array_equal(saved, np.sort(subset)):
+        raise ValueError(f"{out} holds a transfer of another subset than {subset_path}; use another --out")
+    subset = saved
     rows = [exp._evaluate(out / f"trial{t}", subset, t, cfg.train.arch, scores_later=False) for t in range(cfg.trials)]
     from .report import write_table_csv
 

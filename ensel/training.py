@@ -224,7 +224,8 @@ def train_run(
 
     resume = run_dir / "resume.pt"
     if resume.exists():
-        state = torch.load(resume, map_location="cpu", weights_only=False)
+        # Tensors, dicts, lists and numbers only: weights_only keeps a planted file from running code.
+        state = torch.load(resume, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])

@@ -257,5 +257,170 @@ def test_imagefolder_from_class_folders_of_pngs(tmp_path):
     g = torch.Generator().manual_seed(0)
     (x, y), = list(data.train_batches(torch.tensor([0, 5, 11]), 8, g, "cpu"))
     assert x.shape == (3, 3, 32, 32) and sorted(y.tolist()) == [0, 1, 2]
+    # the generator alone fixes order and crops, also without workers (as after a resume, when
+    # the process's global generator is in another state)
+    epochs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        epochs.append(list(data.train_batches(torch.arange(12), 5, torch.Generator().manual_seed(7), "cpu")))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*epochs))
     starts = [(s, tuple(x.shape)) for s, x in data.eval_batches("val", 4, "cpu")]
     assert starts == [(0, (4, 3, 32, 32)), (4, (2, 3, 32, 32))]
+
+
+# -- resume state, streamed scoring, consensus over kept checkpoints, transfer -------------------
+
+
+class _Planted:
+    """A pickle that runs code when unpickled: touches `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_state_is_never_unpickled_as_code(tmp_path):
+    from ensel.data import load_digits
+    from ensel.training import train_run
+
+    run_dir, marker = tmp_path / "run", tmp_path / "code_ran"
+    run_dir.mkdir()
+    torch.save({"model": _Planted(marker)}, run_dir / "resume.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        train_run(load_digits(), torch.arange(20), 0, TrainConfig(arch="resnet10", epochs=1), run_dir, "cpu")
+    assert not marker.exists()
+
+
+def _fake_runs(root, epochs=(1, 2), runs=2):
+    """Run directories holding random resnet10 checkpoints for digits (no training)."""
+    from ensel.training import checkpoint_path
+
+    dirs = []
+    for r in range(runs):
+        d = root / f"run{r}"
+        d.mkdir(parents=True)
+        for e in epochs:
+            torch.manual_seed(100 * r + e)
+            model = build_model("resnet10", 10, 1, 8)
+            torch.save({"model": model.state_dict(), "epoch": e, "val_acc": None}, checkpoint_path(d, e))
+        dirs.append(d)
+    return dirs
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_in", ["progress", "accumulator"])
+def test_streamed_scoring_resumes_without_counting_a_member_twice(tmp_path, monkeypatch, crash_in):
+    from ensel import inference
+    from ensel.accumulator import Accumulator
+    from ensel.data import load_digits
+
+    data = load_digits()
+    dirs = _fake_runs(tmp_path)
+    members = [(0, 1), (0, 2), (1, 1), (1, 2)]
+    rows = torch.arange(3, 1348, 27)  # 50 pool samples, not starting at 0
+    kw = dict(indices=rows, device="cpu", batch_size=16, amp=False)
+    expected = inference.score_members(data, dirs, members, "resnet10", **kw)
+
+    # a crash while saving the state after the second member, in either of its two files
+    calls = {"n": 0}
+    target = (inference, "atomic_json") if crash_in == "progress" else (Accumulator, "save")
+    original = getattr(*target)
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Crash
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(*target, crashing)
+    state, logits = tmp_path / "state", tmp_path / "logits"
+    with pytest.raises(_Crash):
+        inference.score_members(data, dirs, members, "resnet10", state_dir=state, logits_dir=logits, **kw)
+    monkeypatch.undo()
+    got = inference.score_members(data, dirs, members, "resnet10", state_dir=state, logits_dir=logits, **kw)
+    assert got.num_members == 4
+    for name, value in expected.to_dict().items():
+        assert torch.equal(getattr(got, name), value), name
+    # the logit files say which pool sample each of their rows is
+    assert np.array_equal(np.load(logits / "rows.npz")["indices"], rows.numpy())
+    with pytest.raises(ValueError, match="other members"):
+        inference.score_members(data, dirs, members[::-1], "resnet10", state_dir=state, **kw)
+
+
+def test_score_cli_reports_pool_indices_of_a_partial_pass(tmp_path, capsys):
+    from ensel.cli import main
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 40, 5, generator=g)
+    paths = []
+    for e in range(3):
+        paths.append(str(tmp_path / f"member{e:04d}.npy"))
+        np.save(paths[-1], logits[e].numpy().astype(np.float16))
+    pool_rows = np.arange(1000, 1040)[::-1].copy()  # file row i is pool sample 1039 - i
+    np.savez(tmp_path / "rows.npz", indices=pool_rows, split=np.array("train"))
+    top = tmp_path / "top.npy"
+    assert main(["score", *paths, "--top", "6", "--by", "entropy", "--top-out", str(top)]) == 0
+    expected_rows = ensel.score(logits.half()).top(6, by="entropy").numpy()
+    assert np.array_equal(np.load(top), pool_rows[expected_rows])
+    assert "rows.npz" in capsys.readouterr().out
+
+
+def test_consensus_of_a_run_uses_only_its_consecutive_final_checkpoints(tmp_path):
+    import json
+
+    from ensel.consensus import run_argmaxes
+    from ensel.data import load_digits
+
+    (run,) = _fake_runs(tmp_path, epochs=(1, 3, 4), runs=1)  # epoch 2 pruned, 1 kept as the best
+    (run / "done.json").write_text(json.dumps({"epochs": 4, "best_epoch": 1, "kept_epochs": [1, 3, 4]}))
+    got = run_argmaxes(load_digits(), run, "resnet10", last=20, indices=torch.arange(30), device="cpu")
+    assert len(got) == 2  # epochs 3 and 4; epoch 1 is no neighbour of 3
+    (run / "done.json").write_text(json.dumps({"epochs": 4, "best_epoch": 1, "kept_epochs": [1, 2, 4]}))
+    with pytest.raises(ValueError, match="consecutive"):
+        run_argmaxes(load_digits(), run, "resnet10", last=20, indices=torch.arange(30), device="cpu")
+
+
+def test_transfer_refuses_an_output_directory_of_another_subset(tmp_path):
+    from ensel.loop import ExperimentConfig, transfer
+
+    a, b, out = tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "t"
+    np.save(a, np.arange(0, 40))
+    np.save(b, np.arange(40, 80))
+    out.mkdir()
+    np.save(out / "subset.npy", np.arange(0, 40))  # what an interrupted transfer of a.npy left
+    cfg = ExperimentConfig(trials=1, runs=1, device="cpu", train=TrainConfig(arch="resnet10", epochs=1))
+    with pytest.raises(ValueError, match="another subset"):
+        transfer(b, cfg, out, log=lambda *_: None, progress=False)
+
+
+def test_exclude_top_too_large_for_a_size_is_refused_before_any_training(tmp_path):
+    from ensel.loop import Experiment, ExperimentConfig
+
+    train = TrainConfig(arch="resnet10", epochs=1)
+    # compress: 1000 of the 1348 pool samples after skipping int(0.5 * 1348) = 674 cannot be had
+    with pytest.raises(ValueError, match="exclude_top=0.5"):
+        Experiment(ExperimentConfig(scheme="compress", sizes=(1000,), exclude_top=0.5, train=train), tmp_path / "c", progress=False)
+    # build_up: 40 -> 1300 acquires 1260 of the 1308 unselected, but skips int(0.1 * 1308) = 130 first
+    with pytest.raises(ValueError, match="1260 of 1308"):
+        Experiment(ExperimentConfig(sizes=(40, 1300), initial=20, exclude_top=0.1, train=train), tmp_path / "b", progress=False)
+    # the largest acquisition that fits: 40 -> 1218 takes 1178 = 1308 - 130
+    Experiment(ExperimentConfig(sizes=(40, 1218), initial=20, exclude_top=0.1, train=train), tmp_path / "ok", progress=False)
+
+
+def test_a_refused_configuration_does_not_claim_its_output_directory(tmp_path):
+    from ensel.loop import Experiment, ExperimentConfig
+
+    train = TrainConfig(arch="resnet10", epochs=1)
+    with pytest.raises(ValueError, match="the pool has 1348"):
+        Experiment(ExperimentConfig(sizes=(0.2, 5000), train=train), tmp_path, progress=False)
+    assert not (tmp_path / "config.json").exists()
+    Experiment(ExperimentConfig(sizes=(0.2, 500), train=train), tmp_path, progress=False)  # the corrected command
+    with pytest.raises(ValueError, match="another configuration"):
+        Experiment(ExperimentConfig(sizes=(0.2, 600), train=train), tmp_path, progress=False)
