@@ -161,7 +161,7 @@ def cmd_score(a) -> int:
 
     labels = None if a.labels is None else np.load(a.labels)
     t0 = time.perf_counter()
-    s = score_files(a.files, labels=labels, chunk_samples=a.chunk)
+    s = score_files(a.files, labels=labels, chunk_samples=a.chunk, device=a.device, backend=a.backend)
     print(f"scored {s.num_samples} samples x {s.num_members} members in {time.perf_counter() - t0:.2f} s")
     print(f"  {'score':<18}{'mean':>10}{'min':>10}{'max':>10}")
     for name, v in s.to_dict().items():
@@ -170,11 +170,11 @@ def cmd_score(a) -> int:
     if a.out:
         out = Path(a.out)
         tmp = out.with_name(out.name + ".tmp")
-        torch.save({"num_members": s.num_members, "fields": s.to_dict()}, tmp)
+        torch.save({"num_members": s.num_members, "fields": {k: v.cpu() for k, v in s.to_dict().items()}}, tmp)
         os.replace(tmp, out)
         print(f"wrote {out}")
     if a.top:
-        idx = s.top(a.top, by=a.by, exclude_top=a.exclude_top).numpy()
+        idx = s.top(a.top, by=a.by, exclude_top=a.exclude_top).cpu().numpy()
         what = "file rows"
         rows_path = _rows_file(a.files, a.rows)
         if rows_path is not None:
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     p.add_argument("--labels", default=None, help=".npy of int labels [N] (adds error_count, forgetting, nll)")
     p.add_argument("--chunk", type=int, default=65536, help="samples per fused slice")
+    p.add_argument("--device", default="cpu", help="where the fused kernel runs (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--backend", default="auto", help="cuda, triton, cpu or reference (default: auto)")
     p.add_argument("--out", default=None, help="write the scores (torch file)")
     p.add_argument("--top", type=int, default=0, help="also select this many samples")
     p.add_argument("--by", default="mutual_info", choices=sorted(_fields.DIRECTION))

@@ -337,6 +337,9 @@ class Experiment:
         return rows
 
 
+_WHERE_IT_RUNS = frozenset({"device", "workers"})
+
+
 def _claim_out(out: Path, cfg: ExperimentConfig) -> None:
     """Records the configuration in out/config.json, or refuses a directory that holds another."""
     out.mkdir(parents=True, exist_ok=True)
@@ -344,8 +347,11 @@ def _claim_out(out: Path, cfg: ExperimentConfig) -> None:
     mine = json.loads(json.dumps(cfg.to_dict()))
     if saved.exists():
         theirs = json.loads(saved.read_text())
-        if theirs != mine:
-            diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+        # Where it runs is not what it computes: a run started on a CPU may resume on a GPU.
+        diff = sorted(
+            k for k in set(theirs) | set(mine) if k not in _WHERE_IT_RUNS and theirs.get(k) != mine.get(k)
+        )
+        if diff:
             raise ValueError(f"{out} holds a run with another configuration (differs in {', '.join(diff)}); use another --out")
     else:
         atomic_json(saved, mine)

@@ -171,6 +171,11 @@ def test_score_cli_writes_scores_and_selection(tmp_path):
     expected = ensel.score(logits.half())
     assert torch.equal(saved["fields"]["mutual_info"], expected.mutual_info)
     assert np.array_equal(np.load(top), expected.top(10, by="variation_ratio").numpy())
+    # --backend and --device reach the kernel: the float64 reference agrees within the contract
+    ref_out = tmp_path / "ref.pt"
+    assert main(["score", *paths, "--out", str(ref_out), "--backend", "reference", "--device", "cpu"]) == 0
+    ref = torch.load(ref_out, weights_only=True)["fields"]["mutual_info"]
+    assert torch.allclose(ref, expected.mutual_info, atol=1e-5 * (1 + np.log(4)), rtol=0)
     np.save(tmp_path / "bad.npy", np.zeros((49, 4), np.float16))
     assert main(["score", paths[0], str(tmp_path / "bad.npy")]) == 2  # shape mismatch: a clear error
 
@@ -424,3 +429,13 @@ def test_a_refused_configuration_does_not_claim_its_output_directory(tmp_path):
     Experiment(ExperimentConfig(sizes=(0.2, 500), train=train), tmp_path, progress=False)  # the corrected command
     with pytest.raises(ValueError, match="another configuration"):
         Experiment(ExperimentConfig(sizes=(0.2, 600), train=train), tmp_path, progress=False)
+
+
+def test_a_run_may_resume_on_another_device_but_not_with_another_recipe(tmp_path):
+    from ensel.loop import Experiment, ExperimentConfig
+
+    train = TrainConfig(arch="resnet10", epochs=1)
+    Experiment(ExperimentConfig(sizes=(0.2,), train=train, device="cpu", workers=2), tmp_path, progress=False)
+    Experiment(ExperimentConfig(sizes=(0.2,), train=train, device="auto", workers=0), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="differs in train"):
+        Experiment(ExperimentConfig(sizes=(0.2,), train=TrainConfig(arch="resnet10", epochs=2)), tmp_path, progress=False)
