@@ -168,7 +168,7 @@ class Experiment:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # off when not a terminal
 
     def _subset(self, stage: Path, make) -> np.ndarray:
         path = stage / "subset.npy"

@@ -84,7 +84,13 @@ def write_report(out: Path, rows: list[dict], cfg, pool: int) -> str:
     text = (
         f"# {cfg.scheme} on {cfg.data} ({pool} pool samples), {t.arch}\n\n"
         f"Top-1 validation accuracy (%) of each subset model's ensemble of its {cfg.runs} seeds "
-        f"(best epoch of each run), mean ± std over {trials} trials. Acquisition model: "
+        + (
+            "(the last epoch of each run: only it is validated)"
+            if t.validate_last == 1
+            else "(the best epoch of each run, chosen on this same validation split, as in the paper: "
+            "slightly optimistic)"
+        )
+        + f", mean ± std over {trials} trials. Acquisition model: "
         f"{cfg.ensemble} (last {cfg.last} epochs{' of every run' if cfg.ensemble == 'combined' else ''}), "
         f"{sched}, batch {t.batch_size}"
         + (f", the top {100 * cfg.exclude_top:g}% excluded as outliers" if cfg.exclude_top else "")

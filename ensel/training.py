@@ -254,8 +254,14 @@ def train_run(
         history.append({"epoch": epoch, "lr": schedule.lr, "train_loss": loss_sum / seen, "val_acc": val_acc})
         stop = schedule.after_epoch(epoch, -1.0 if val_acc is None else val_acc)
 
-        weights = {k: (v.to(ckpt_dtype) if v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
-        atomic_torch_save({"model": weights, "epoch": epoch, "val_acc": val_acc}, checkpoint_path(run_dir, epoch))
+        # An epoch that `keep` would prune at once is never written: on the step schedule one
+        # before the last `keep` that was not validated (so it cannot be the best).
+        pruned_at_once = (
+            cfg.keep is not None and cfg.schedule == "step" and val_acc is None and epoch <= schedule.epochs - cfg.keep
+        )
+        if not pruned_at_once:
+            weights = {k: (v.to(ckpt_dtype) if v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
+            atomic_torch_save({"model": weights, "epoch": epoch, "val_acc": val_acc}, checkpoint_path(run_dir, epoch))
         _prune(run_dir, history, cfg.keep)
         if not stop and time.monotonic() - last_resume_save >= RESUME_EVERY_SECONDS:
             atomic_torch_save(
