@@ -134,6 +134,11 @@ def plot_accuracy(summary: list[dict], methods_in_config, pool: int, path: Path,
     ax.set_xlabel("subset size (% of the pool)")
     ax.set_ylabel("top-1 validation accuracy (%), ensemble of seeds")
     ax.set_title(title)
+    _finish(plt, fig, ax, path)
+
+
+def _finish(plt, fig, ax, path: Path) -> None:
+    """Grid, legend, layout, and an atomic write of the PNG."""
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -153,10 +158,4 @@ def plot_consensus(curves: dict[str, dict], path: Path, num_samples: int) -> Non
     ax.set_xlabel("number of checkpoints n")
     ax.set_ylabel(f"samples with the same top-1 prediction (of {num_samples})")
     ax.set_title("checkpoint consensus")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _finish(plt, fig, ax, path)
