@@ -19,9 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _fields
 from .accumulator import Accumulator
-from .api import score
 from .models import build_model
 from .scores import Scores
 from .training import atomic_json, load_weights, predict_batches, resolve_device
@@ -150,24 +148,21 @@ def open_logit_files(paths) -> list[np.ndarray]:
     return arrays
 
 
-def score_files(paths, labels=None, chunk_samples: int = 65536, device="cpu", backend: str = "auto") -> Scores:
-    """Fused scoring of memory-mapped per-member logit files (in the given member order).
+def score_files(
+    paths, labels=None, chunk_samples: int | None = None, device="cpu", backend: str = "auto", *,
+    max_memory: int | None = None, shape=None, dtype=None,
+) -> Scores:
+    """Fused scoring of per-member logit files (in the given member order), out of core.
 
-    Samples are independent, so the [E, N, K] block is scored in slices of `chunk_samples` rows:
-    each slice is read once from every file and reduced by the fused kernel; memory stays at
-    E x chunk x K values whatever N is.
+    Samples are independent, so the [E, N, K] block is scored in chunks of samples, each read
+    once from every file (by a prefetch thread, while the previous chunk is scored) and reduced by
+    the fused kernel; what this allocates stays under `max_memory` bytes (default 1 GiB) whatever
+    N is. `.npy` files, or raw row-major files given `shape=(N, K)` and `dtype`. See
+    `ensel.outofcore`.
     """
-    arrays = open_logit_files(paths)
-    n = arrays[0].shape[0]
-    if labels is not None:
-        labels = torch.as_tensor(np.asarray(labels))
-        if labels.shape != (n,):
-            raise ValueError(f"labels: expected shape [{n}], got {tuple(labels.shape)}")
-    parts = []
-    for s in range(0, n, chunk_samples):
-        block = torch.from_numpy(np.stack([a[s : s + chunk_samples] for a in arrays])).to(device)
-        parts.append(score(block, None if labels is None else labels[s : s + chunk_samples], backend=backend).to_dict())
-    fields = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-    for name in _fields.LABEL_FIELDS:
-        fields.setdefault(name, None)
-    return Scores(num_members=len(arrays), **fields)
+    from .outofcore import score_logit_files
+
+    return score_logit_files(
+        paths, labels, max_memory=max_memory, chunk_samples=chunk_samples, shape=shape, dtype=dtype,
+        device=device, backend=backend,
+    )  # fmt: skip

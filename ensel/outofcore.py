@@ -1,0 +1,318 @@
+"""Out-of-core fused scoring: per-member [N, K] logit files on disk, scored under a memory budget.
+
+The fused kernel (DESIGN.md section 3) reduces an [E, N, K] block sample by sample, so the block
+can be cut into chunks of samples and scored chunk by chunk: the scores of a sample depend only on
+its own E rows, and the result equals in-memory `ensel.score` bit for bit.
+
+Memory. One chunk of c samples is staged as one contiguous [E, c, K] buffer, filled by `os.preadv`
+from each file's rows [s, s + c) (a file's rows are contiguous, so that is E sequential reads).
+Reading into reused anonymous buffers, rather than touching a memory map, keeps the file's pages
+in the kernel's page cache only: they are never mapped into this process, so they never count in
+its resident memory, and the kernel reclaims them as it needs. What this call allocates:
+
+    staging   2 x E x c x K x itemsize   (double buffering: one chunk scored, the next one read)
+    per chunk c x (56 + 8) bytes         (the kernel's packed outputs: 8 float32 + 3 int64 fields;
+                                          the chunk's labels as int64)
+    result    N x 56 bytes               (the packed scores of every sample)
+
+and `max_memory` bounds the sum: c is the largest chunk that fits. On CUDA the staging buffers are
+pinned host memory and a second pair lives on the device (the same budget bounds each side);
+the prefetch thread copies each chunk host-to-device on a side stream, so disk reads, copies and
+the kernel all overlap. Not counted: the kernel's per-thread scratch (O(K + tile x (K + E)) on the
+CPU) and the `reference` backend, which materializes softmax and is for tests only.
+
+Overlap. A prefetch thread reads chunk j + 1 (and on CUDA copies it to the device) while the main
+thread scores chunk j; the file reads and the CPU kernel both release the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._fields import FLOAT_FIELDS, INT_FIELDS
+from .api import score
+from .scores import Scores
+
+# Bytes per sample of the kernel's packed outputs (float32 and int64 columns).
+OUTPUT_BYTES = 4 * len(FLOAT_FIELDS) + 8 * len(INT_FIELDS)
+LABEL_BYTES = 8  # a chunk's labels, converted to int64 by ensel.score
+STAGING_BUFFERS = 2
+DEFAULT_MAX_MEMORY = 1 << 30
+
+_FILE_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class LogitFile:
+    """Where one member's row-major [num_samples, num_classes] logits lie in a file."""
+
+    path: str
+    offset: int
+    num_samples: int
+    num_classes: int
+    dtype: torch.dtype
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def row_bytes(self) -> int:
+        return self.num_classes * self.itemsize
+
+
+def _torch_dtype(dtype, where: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+        if name == "bfloat16" or str(dtype) == "bfloat16":
+            name = "bfloat16"
+    if name not in _FILE_DTYPES:
+        raise ValueError(f"{where}: dtype {dtype} is not a logits dtype; expected one of {', '.join(_FILE_DTYPES)}")
+    return _FILE_DTYPES[name]
+
+
+def describe_files(paths, shape=None, dtype=None, offset: int = 0) -> list[LogitFile]:
+    """Check per-member logit files and say where their data lies.
+
+    Without `shape`, each path is a `.npy` file (C order, native byte order). With `shape=(N, K)`
+    and `dtype`, each is a raw row-major file of exactly `offset + N * K * itemsize` bytes.
+    All files must agree in shape and dtype.
+    """
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise ValueError("no logit files given")
+    if (shape is None) != (dtype is None):
+        raise ValueError("raw logit files need both shape=(N, K) and dtype=; .npy files need neither")
+    files = []
+    for p in paths:
+        if shape is None:
+            try:
+                m = np.load(p, mmap_mode="r")  # parses the header only; no page is touched
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{p}: not a readable .npy logits file ({e})") from e
+            if not isinstance(m, np.memmap):
+                raise ValueError(f"{p}: not a .npy array file")
+            if m.ndim != 2:
+                raise ValueError(f"{p}: expected [N, K] logits of one member, got shape {m.shape}")
+            if not m.flags.c_contiguous or m.shape[0] * m.shape[1] == 0:
+                if m.shape[0] * m.shape[1] == 0:
+                    raise ValueError(f"{p}: holds no logits (shape {m.shape})")
+                raise ValueError(f"{p}: Fortran-ordered .npy; expected row-major [N, K] logits")
+            if not m.dtype.isnative:
+                raise ValueError(f"{p}: non-native byte order {m.dtype.str}; expected native float16/float32/float64")
+            f = LogitFile(p, int(m.offset), int(m.shape[0]), int(m.shape[1]), _torch_dtype(m.dtype, p))
+            del m
+        else:
+            if len(shape) != 2 or min(int(v) for v in shape) < 1:
+                raise ValueError(f"shape={tuple(shape)}: expected (N, K) with N, K >= 1")
+            f = LogitFile(p, int(offset), int(shape[0]), int(shape[1]), _torch_dtype(dtype, p))
+            try:
+                size = os.path.getsize(p)
+            except OSError as e:
+                raise ValueError(f"{p}: not readable ({e})") from e
+            expected = f.offset + f.num_samples * f.row_bytes
+            if size != expected:
+                raise ValueError(
+                    f"{p}: {size} bytes, but offset {f.offset} + [{f.num_samples}, {f.num_classes}] "
+                    f"{str(f.dtype).removeprefix('torch.')} needs exactly {expected}"
+                )
+        if files:
+            first = files[0]
+            if (f.num_samples, f.num_classes) != (first.num_samples, first.num_classes):
+                raise ValueError(
+                    f"{p}: shape [{f.num_samples}, {f.num_classes}] differs from {first.path}'s "
+                    f"[{first.num_samples}, {first.num_classes}]"
+                )
+            if f.dtype != first.dtype:
+                raise ValueError(f"{p}: dtype {f.dtype} differs from {first.path}'s {first.dtype}")
+        files.append(f)
+    return files
+
+
+def bytes_per_chunk_sample(num_members: int, row_bytes: int) -> int:
+    """Working memory per sample of a chunk: double-buffered staging, kernel outputs, labels."""
+    return STAGING_BUFFERS * num_members * row_bytes + OUTPUT_BYTES + LABEL_BYTES
+
+
+def plan_chunk(num_members: int, num_samples: int, row_bytes: int, max_memory: int) -> int:
+    """The largest chunk of samples whose working memory, with the N-sample result, fits."""
+    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, np.integer)):
+        raise TypeError(f"max_memory={max_memory!r}: expected a number of bytes (int)")
+    result = num_samples * OUTPUT_BYTES
+    per_sample = bytes_per_chunk_sample(num_members, row_bytes)
+    chunk = (int(max_memory) - result) // per_sample
+    if chunk < 1:
+        raise ValueError(
+            f"max_memory={max_memory} bytes is too small: the scores of {num_samples} samples take "
+            f"{result} bytes and one sample of {num_members} members takes {per_sample} more "
+            f"({STAGING_BUFFERS} staging buffers x {num_members} x {row_bytes} bytes, plus outputs); "
+            f"at least {result + per_sample} bytes are needed"
+        )
+    return min(chunk, num_samples)
+
+
+def _read_rows(fd: int, into: memoryview, offset: int, where: str) -> None:
+    done = 0
+    while done < len(into):
+        got = os.preadv(fd, [into[done:]], offset + done)
+        if got == 0:
+            raise ValueError(f"{where}: file ended early (truncated while being read?)")
+        done += got
+
+
+def score_logit_files(
+    paths,
+    labels=None,
+    *,
+    max_memory: int | None = None,
+    chunk_samples: int | None = None,
+    shape=None,
+    dtype=None,
+    offset: int = 0,
+    device="cpu",
+    backend: str = "auto",
+) -> Scores:
+    """Fused scores of per-member logit files (in the given member order), out of core.
+
+    Chunks of samples are read from all E files and scored by `ensel.score` on the [E, chunk, K]
+    block (any backend, any device), with the next chunk read (and on CUDA copied to the device)
+    by a prefetch thread meanwhile. `max_memory` (bytes, default 1 GiB) bounds what this call
+    allocates (see the module docstring); `chunk_samples` caps the chunk further. The result
+    equals `ensel.score` of the whole block, bit for bit.
+    """
+    files = describe_files(paths, shape, dtype, offset)
+    E = len(files)
+    N, K = files[0].num_samples, files[0].num_classes
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels))
+        if labels.shape != (N,):
+            raise ValueError(f"labels: expected shape [{N}], got {tuple(labels.shape)}")
+    budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
+    chunk = plan_chunk(E, N, files[0].row_bytes, budget)
+    if chunk_samples is not None:
+        if isinstance(chunk_samples, bool) or not isinstance(chunk_samples, int) or chunk_samples < 1:
+            raise ValueError(f"chunk_samples={chunk_samples!r}: expected a positive int")
+        chunk = min(chunk, chunk_samples)
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    if on_cuda and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    floats = torch.empty(len(FLOAT_FIELDS), N, dtype=torch.float32, device=device)
+    ints = torch.empty(len(INT_FIELDS), N, dtype=torch.int64, device=device)
+    for start, count, block in _Pipeline(files, chunk, device).chunks():
+        part = None if labels is None else labels[start : start + count]
+        try:
+            s = score(block, part, backend=backend)
+        except ValueError as e:
+            # The kernels count samples from the chunk's first row; the user counts file rows.
+            raise ValueError(re.sub(r"sample (\d+)", lambda m: f"sample {start + int(m.group(1))}", str(e))) from e
+        for row, name in enumerate(FLOAT_FIELDS):
+            value = getattr(s, name)
+            if value is not None:
+                floats[row, start : start + count] = value
+        for row, name in enumerate(INT_FIELDS):
+            value = getattr(s, name)
+            if value is not None:
+                ints[row, start : start + count] = value
+    return Scores.from_columns(floats, ints, E, labels is not None)
+
+
+class _Pipeline:
+    """Double-buffered chunks: a reader thread fills slot A while the caller scores slot B."""
+
+    def __init__(self, files: list[LogitFile], chunk: int, device: torch.device):
+        self.files, self.chunk, self.device = files, chunk, device
+        self.E, self.N, self.K = len(files), files[0].num_samples, files[0].num_classes
+        self.dtype = files[0].dtype
+        self.on_cuda = device.type == "cuda"
+        size = self.E * chunk * self.K
+        self.host = [torch.empty(size, dtype=self.dtype, pin_memory=self.on_cuda) for _ in range(STAGING_BUFFERS)]
+        self.dev = [torch.empty(size, dtype=self.dtype, device=device) for _ in range(STAGING_BUFFERS)] if self.on_cuda else self.host
+
+    def chunks(self):
+        """Yields (start, count, [E, count, K] block on the device) in order; the block is valid
+        until the next iteration."""
+        E, K, N = self.E, self.K, self.N
+        free: queue.Queue = queue.Queue()
+        ready: queue.Queue = queue.Queue()
+        for slot in range(STAGING_BUFFERS):
+            free.put((slot, None))
+        side = torch.cuda.Stream(self.device) if self.on_cuda else None
+        stop = threading.Event()
+        fds = []
+
+        def reader():
+            try:
+                if self.on_cuda:
+                    torch.cuda.set_device(self.device)
+                for start in range(0, N, self.chunk):
+                    slot, done = free.get()
+                    if stop.is_set():
+                        return
+                    if done is not None:
+                        done.synchronize()  # the device finished with this slot (copy and kernel)
+                    count = min(self.chunk, N - start)
+                    raw = memoryview(self.host[slot][: E * count * K].view(torch.uint8).numpy())
+                    part = count * K * files_itemsize
+                    for e, (f, fd) in enumerate(zip(self.files, fds)):
+                        _read_rows(fd, raw[e * part : (e + 1) * part], f.offset + start * f.row_bytes, f.path)
+                    copied = None
+                    if self.on_cuda:
+                        with torch.cuda.stream(side):
+                            self.dev[slot][: E * count * K].copy_(self.host[slot][: E * count * K], non_blocking=True)
+                            copied = torch.cuda.Event()
+                            copied.record(side)
+                    ready.put((start, count, slot, copied, None))
+            except BaseException as exc:  # handed to the caller, raised there
+                ready.put((None, None, None, None, exc))
+
+        files_itemsize = self.files[0].itemsize
+        try:
+            for f in self.files:
+                fd = os.open(f.path, os.O_RDONLY)
+                fds.append(fd)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError(f"{f.path}: not readable ({e})") from e
+        thread = threading.Thread(target=reader, name="ensel-prefetch", daemon=True)
+        thread.start()
+        try:
+            for _ in range(0, N, self.chunk):
+                start, count, slot, copied, exc = ready.get()
+                if exc is not None:
+                    raise exc
+                if copied is not None:
+                    torch.cuda.current_stream(self.device).wait_event(copied)
+                yield start, count, self.dev[slot][: E * count * K].view(E, count, K)
+                done = None
+                if self.on_cuda:
+                    done = torch.cuda.Event()
+                    done.record(torch.cuda.current_stream(self.device))
+                free.put((slot, done))
+        finally:
+            stop.set()
+            free.put((None, None))  # wakes a reader waiting for a slot
+            thread.join()
+            for fd in fds:
+                os.close(fd)
