@@ -32,6 +32,8 @@ def _threads() -> None:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count() or 1
+    # Under torchrun the ranks of one machine share its cores.
+    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.set_num_threads(max(1, int(n) if n else min(cores, torch.get_num_threads())))
 
 
@@ -159,9 +161,16 @@ def cmd_run(a) -> int:
         stride=a.stride, exclude_top=a.exclude_top, full=not a.no_full, seed=a.seed, device=a.device,
         save_logits=a.save_logits, finetune_lr=a.finetune_lr, train=_train_config(a),
     )
-    exp = Experiment(cfg, a.out, progress=not a.no_progress)
-    exp.run()
-    print((Path(a.out) / "report.md").read_text())
+    from .distributed import init_from_env, shutdown
+
+    ctx = init_from_env()  # under torchrun: runs, inference and selection spread over the ranks
+    try:
+        exp = Experiment(cfg, a.out, progress=not a.no_progress, ctx=ctx)
+        exp.run()
+        if ctx.is_main:
+            print((Path(a.out) / "report.md").read_text())
+    finally:
+        shutdown()
     return 0
 
 

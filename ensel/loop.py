@@ -24,6 +24,13 @@ The run directory (`out`) holds every stage's output and nothing is recomputed t
     trial{t}/{method}/size{n}/subset.npy, run{r}/epoch_NNN.pt, metrics.json
     .../acquisition/scores.pt           scores of the samples not in that stage's subset
     results.csv, summary.csv, report.md, accuracy.png
+
+Under `torchrun` (see ensel.distributed) the same run is spread over the ranks: run r of a stage
+trains on rank r % world; each rank scores a contiguous shard of the candidates into its own
+accumulator (state in acquisition/state/rank{r}); the selection is a global top-k with the tie
+rule of `Scores.top`, so the subsets are those of a single process. Rank 0 alone writes the
+shared files (subsets, scores, metrics, report); what exists is decided by rank 0's view,
+broadcast, so every rank takes the same path through the collectives.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import torch
 
 from ._fields import DIRECTION
 from .data import load_dataset
+from .distributed import Context, global_top_k, gather_scores, shard
 from .ensembles import ensemble_members
 from .inference import ensemble_val_accuracy, score_members
 from .scores import Scores
@@ -123,9 +131,16 @@ def size_count(size: float | int, pool: int) -> int:
 
 class Experiment:
     """One experiment in one run directory. `run()` does (or resumes) everything and returns the
-    per-trial result rows; `hook(event, **info)` sees every epoch, scored member and stage."""
+    per-trial result rows; `hook(event, **info)` sees every epoch, scored member and stage.
+    `ctx` (ensel.distributed.init_from_env()) spreads the work over torch.distributed ranks."""
 
-    def __init__(self, cfg: ExperimentConfig, out: str | Path, hook=None, progress: bool = True, log=print):
+    ctx = Context()  # single process (also for instances made by `transfer`)
+
+    def __init__(self, cfg: ExperimentConfig, out: str | Path, hook=None, progress: bool = True, log=print,
+                 ctx: Context | None = None):
+        self.ctx = ctx or Context()
+        if not self.ctx.is_main:  # one voice and one progress bar per run
+            log, progress = (lambda *_: None), False
         self.cfg, self.out, self.hook, self.log = cfg, Path(out), hook, log
         self.progress = progress
         self.data = load_dataset(cfg.data, cfg.data_root, cfg.image_size, cfg.workers)
@@ -153,7 +168,12 @@ class Experiment:
                         f"leaves too few after skipping the {skip} most uncertain"
                     )
         # Only a valid configuration claims the directory: a typo must not lock it for the fix.
-        _claim_out(self.out, cfg)
+        # Rank 0 first (the others would race on writing config.json), then the others check it.
+        if self.ctx.is_main:
+            _claim_out(self.out, cfg)
+        self.ctx.barrier()
+        if not self.ctx.is_main:
+            _claim_out(self.out, cfg)
 
     # -- pieces ------------------------------------------------------------------------------
 
@@ -170,12 +190,24 @@ class Experiment:
 
         return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # off when not a terminal
 
+    def _exists(self, path: Path) -> bool:
+        """Whether `path` exists, as rank 0 sees it: every rank then takes the same branch (rank 0
+        may write a file another rank has not yet looked for)."""
+        exists = path.exists()
+        if not self.ctx.distributed:
+            return exists
+        box = [exists if self.ctx.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return bool(box[0])
+
     def _subset(self, stage: Path, make) -> np.ndarray:
         path = stage / "subset.npy"
-        if path.exists():
+        if self._exists(path):
             return np.load(path)
+        subset = np.sort(np.asarray(make(), dtype=np.int64))  # every rank: make() may be collective
+        if not self.ctx.is_main:
+            return subset
         stage.mkdir(parents=True, exist_ok=True)
-        subset = np.sort(np.asarray(make(), dtype=np.int64))
         tmp = stage / "subset.npy.tmp"
         with open(tmp, "wb") as f:
             np.save(f, subset)
@@ -188,6 +220,8 @@ class Experiment:
         train_cfg = cfg.train if scores_later or not cfg.prune_unused else replace(cfg.train, keep=1)
         summaries = []
         for r in range(cfg.runs):
+            if r % self.ctx.world != self.ctx.rank:  # another rank trains this run
+                continue
             bar = None
             run_dir = stage / f"run{r}"
             if not (run_dir / "done.json").exists():
@@ -203,6 +237,9 @@ class Experiment:
             )
             if bar is not None:
                 bar.close()
+        if self.ctx.distributed:
+            self.ctx.barrier()  # every run's done.json is written
+            summaries = [json.loads((stage / f"run{r}" / "done.json").read_text()) for r in range(cfg.runs)]
         return summaries
 
     def _evaluate(self, stage: Path, subset: np.ndarray, trial: int, method: str, init_stage=None,
@@ -210,10 +247,13 @@ class Experiment:
         """Trains the stage's runs (if not done) and evaluates them. `scores_later`: the stage's
         checkpoints will be an acquisition ensemble (or a fine-tuning start) later on."""
         path = stage / "metrics.json"
-        if path.exists():
+        if self._exists(path):
             return json.loads(path.read_text())
         t0 = time.perf_counter()
         summaries = self._train(stage, subset, trial, init_stage, scores_later)
+        if not self.ctx.is_main:  # rank 0 evaluates and writes the metrics
+            self.ctx.barrier()
+            return json.loads(path.read_text())
         run_dirs = [stage / f"run{r}" for r in range(self.cfg.runs)]
         seeds = ensemble_members("seeds", summaries)
         ens = ensemble_val_accuracy(self.data, run_dirs, seeds, self.cfg.train.arch, self.cfg.device,
@@ -232,6 +272,7 @@ class Experiment:
             "seconds": time.perf_counter() - t0,
         }
         atomic_json(path, metrics)
+        self.ctx.barrier()
         self._event("stage", stage=stage, kind="train")
         self.log(f"  {stage.relative_to(self.out)}: {len(subset)} samples, single {metrics['single_acc']:.4f}, "
                  f"ensemble of {len(seeds)} {ens:.4f}")
@@ -241,22 +282,34 @@ class Experiment:
         """The acquisition model of `stage` (its runs) scores the pool samples outside `subset`."""
         out = stage / "acquisition"
         path = out / "scores.pt"
-        if path.exists():
+        if self._exists(path):
             saved = torch.load(path, map_location="cpu", weights_only=True)
             return saved["indices"].numpy(), _scores_from(saved)
         cfg = self.cfg
         candidates = np.setdiff1d(np.arange(self.pool), subset)
+        ctx = self.ctx
+        # Each rank scores its contiguous shard of the candidates, resumably in its own state dir.
+        start, stop = shard(len(candidates), ctx.rank, ctx.world)
+        state_dir = out / "state" / f"rank{ctx.rank}" if ctx.distributed else out / "state"
+        logits_dir = (out / "logits" / f"rank{ctx.rank}" if ctx.distributed else out / "logits") if cfg.save_logits else None
         summaries = [json.loads((stage / f"run{r}" / "done.json").read_text()) for r in range(cfg.runs)]
         members = ensemble_members(cfg.ensemble, summaries, n=cfg.last, stride=cfg.stride)
         bar = self._bar(len(members), f"{stage.relative_to(self.out)}/acquisition")
         scores = score_members(
             self.data, [stage / f"run{r}" for r in range(cfg.runs)], members, cfg.train.arch,
-            indices=torch.from_numpy(candidates), device=cfg.device,
-            logits_dir=(out / "logits") if cfg.save_logits else None, state_dir=out / "state",
+            indices=torch.from_numpy(candidates[start:stop]), device=cfg.device,
+            logits_dir=logits_dir, state_dir=state_dir,
             batch_size=cfg.train.eval_batch_size, amp=cfg.train.amp, progress=bar, hook=self.hook,
         )
         if bar is not None:
             bar.close()
+        if ctx.distributed:
+            # N x 11 values (56 MB at ImageNet's 1.28M): kept for the report and for resuming; the
+            # selection itself only moves each rank's top candidates (`_acquire`).
+            scores = gather_scores(scores, ctx)
+            if not ctx.is_main:
+                ctx.barrier()
+                return candidates, scores
         payload = {
             "indices": torch.from_numpy(candidates),
             "num_members": scores.num_members,
@@ -266,6 +319,7 @@ class Experiment:
         atomic_torch_save(payload, path)
         # The resumable accumulator (4 N K bytes and more) is no longer needed once scores.pt exists.
         shutil.rmtree(out / "state", ignore_errors=True)
+        ctx.barrier()
         scores = _scores_from(payload)
         self._event("stage", stage=stage, kind="scores")
         return candidates, scores
@@ -273,8 +327,15 @@ class Experiment:
     def _acquire(self, stage: Path, subset: np.ndarray, method: str, count: int) -> np.ndarray:
         """`count` new samples for `method` from the acquisition model of `stage`."""
         candidates, scores = self._scores(stage, subset)
-        picked = scores.top(count, by=method, exclude_top=self.cfg.exclude_top)
-        return candidates[picked.numpy()]
+        if not self.ctx.distributed:
+            picked = scores.top(count, by=method, exclude_top=self.cfg.exclude_top)
+            return candidates[picked.numpy()]
+        # Each rank offers its shard's top; the merge is Scores.top's rule, so the same subset.
+        start, stop = shard(len(candidates), self.ctx.rank, self.ctx.world)
+        values = getattr(scores, method)[start:stop]
+        picked = global_top_k(values, torch.arange(start, stop), count, by=method,
+                              exclude_top=self.cfg.exclude_top, ctx=self.ctx)
+        return candidates[picked.cpu().numpy()]
 
     def _event(self, event, **info):
         if self.hook is not None:
@@ -299,7 +360,9 @@ class Experiment:
                 rows += self._single_step(t, trial_dir, perm, full_dir)
         from .report import write_report
 
-        write_report(self.out, rows, cfg, self.pool)
+        if self.ctx.is_main:
+            write_report(self.out, rows, cfg, self.pool)
+        self.ctx.barrier()
         return rows
 
     def _build_up(self, t: int, trial_dir: Path, perm: np.ndarray) -> list[dict]:

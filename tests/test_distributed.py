@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 import ensel
@@ -161,7 +163,6 @@ def scores_with(by: str, values: torch.Tensor) -> Scores:
     return Scores(num_members=1, **fields)
 
 
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +231,42 @@ def test_communication_volume_four_ranks(tmp_path):
     assert total == 4 * (8 + m * 12)
     print(f"\n4 ranks, N={COMM_N}, k={COMM_K}, exclude 1%: {total} bytes sent in all "
           f"({total / 4} per rank; each rank receives {4 * (8 + m * 12)} bytes)")
+
+
+def test_ensel_run_under_torchrun_selects_the_single_process_subsets(tmp_path):
+    """`ensel run` with an unchanged command line under torchrun (2 gloo ranks): the same subsets,
+    and the same scores bit for bit, as one process. One thread per process in both, so the
+    trained weights do not depend on how the cores were split."""
+    args = ["run", "--data", "digits", "--sizes", "40,80", "--initial", "20", "--methods", "mutual_info,margin",
+            "--epochs", "2", "--runs", "2", "--no-full", "--trials", "1", "--last", "2", "--batch-size", "32",
+            "--exclude-top", "0.01", "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ENSEL_THREADS="1", PYTHONPATH=str(REPO))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    launches = [
+        [sys.executable, "-m", "ensel", *args, "--out", str(single)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ensel", *args,
+         "--out", str(multi)],
+    ]
+    for cmd in launches:
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Rank 0 alone prints the report.
+    assert proc.stdout.count("# build_up on digits") == 1, proc.stdout
+    subsets = sorted(p.relative_to(single) for p in single.rglob("subset.npy"))
+    assert len(subsets) == 5  # init, and two sizes for each of the two methods
+    for rel in subsets:
+        assert np.array_equal(np.load(single / rel), np.load(multi / rel)), rel
+    scored = sorted(p.relative_to(single) for p in single.rglob("scores.pt"))
+    assert len(scored) == 3
+    for rel in scored:
+        a, b = torch.load(single / rel), torch.load(multi / rel)
+        assert torch.equal(a["indices"], b["indices"]) and set(a["fields"]) == set(b["fields"]), rel
+        for name in a["fields"]:
+            assert torch.equal(a["fields"][name], b["fields"][name]), (rel, name)
+    assert not list(multi.rglob("state")), "per-rank accumulator states are removed once scores.pt exists"
+    assert (multi / "report.md").exists()
 
 
 def test_shard_tiles_the_samples():
