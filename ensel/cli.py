@@ -71,6 +71,16 @@ def _train_config(a):
                        lr=a.lr, batch_size=a.batch_size, keep=a.keep, validate_last=a.validate_last, amp=not a.no_amp)
 
 
+def _bytes(text: str) -> int:
+    """'4G', '512M', '64K' or a plain number of bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes like 512M or 4G") from None
+
+
 def _sizes(text: str):
     from .loop import parse_size
 
@@ -179,7 +189,8 @@ def cmd_score(a) -> int:
 
     labels = None if a.labels is None else np.load(a.labels)
     t0 = time.perf_counter()
-    s = score_files(a.files, labels=labels, chunk_samples=a.chunk, device=a.device, backend=a.backend)
+    s = score_files(a.files, labels=labels, chunk_samples=a.chunk, device=a.device, backend=a.backend,
+                    max_memory=a.max_memory)
     print(f"scored {s.num_samples} samples x {s.num_members} members in {time.perf_counter() - t0:.2f} s")
     print(f"  {'score':<18}{'mean':>10}{'min':>10}{'max':>10}")
     for name, v in s.to_dict().items():
@@ -311,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="fused scoring of per-member float16/float32 logit files (.npy, [N, K])")
     p.add_argument("files", nargs="+")
     p.add_argument("--labels", default=None, help=".npy of int labels [N] (adds error_count, forgetting, nll)")
-    p.add_argument("--chunk", type=int, default=65536, help="samples per fused slice")
+    p.add_argument("--chunk", type=int, default=None, help="samples per fused slice (default: what --max-memory allows)")
+    p.add_argument("--max-memory", type=_bytes, default=None,
+                   help="memory budget of the out-of-core scoring, e.g. 512M or 4G (default 1G)")
     p.add_argument("--device", default="cpu", help="where the fused kernel runs (cpu, cuda, cuda:1, ...)")
     p.add_argument("--backend", default="auto", help="cuda, triton, cpu or reference (default: auto)")
     p.add_argument("--out", default=None, help="write the scores (torch file)")

@@ -171,6 +171,11 @@ def test_score_cli_writes_scores_and_selection(tmp_path):
     expected = ensel.score(logits.half())
     assert torch.equal(saved["fields"]["mutual_info"], expected.mutual_info)
     assert np.array_equal(np.load(top), expected.top(10, by="variation_ratio").numpy())
+    # --max-memory: a budget of about 10 samples per chunk gives the same scores bit for bit
+    small_out = tmp_path / "small.pt"
+    assert main(["score", *paths, "--out", str(small_out), "--max-memory", "4000"]) == 0
+    small = torch.load(small_out, weights_only=True)["fields"]
+    assert all(torch.equal(small[k], v) for k, v in saved["fields"].items())
     # --backend and --device reach the kernel: the float64 reference agrees within the contract
     ref_out = tmp_path / "ref.pt"
     assert main(["score", *paths, "--out", str(ref_out), "--backend", "reference", "--device", "cpu"]) == 0
