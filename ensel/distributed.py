@@ -160,35 +160,42 @@ def global_top_k(
         raise ValueError(
             f"global_top_k: values {tuple(values.shape)} and global_indices {tuple(global_indices.shape)} must be 1-D of one length"
         )
-    if values.is_floating_point() and bool(torch.isnan(values).any()):
-        raise ValueError("global_top_k: values hold NaN (no order can rank them)")
+    has_nan = values.is_floating_point() and bool(torch.isnan(values).any())
     out_device = values.device
     # NCCL moves only CUDA tensors; gloo only CPU ones.
     comm = ctx.device if ctx.distributed else values.device
-    values, indices = values.to(comm), global_indices.to(comm, torch.int64)
+    indices = global_indices.to(out_device, torch.int64)
 
-    counts = torch.cat(_all_gather(torch.tensor([values.numel()], dtype=torch.int64, device=comm), ctx, stats))
+    # A rank holding NaN sends the count -1, so that every rank raises here: one rank raising
+    # alone would leave the others waiting in the next collective.
+    mine = -1 if has_nan else values.numel()
+    counts = torch.cat(_all_gather(torch.tensor([mine], dtype=torch.int64, device=comm), ctx, stats))
+    if bool((counts < 0).any()):
+        bad = [r for r, c in enumerate(counts.tolist()) if c < 0]
+        raise ValueError(f"global_top_k: values hold NaN (no order can rank them) on rank(s) {bad}")
     n = int(counts.sum())
     skip = int(exclude_top * n)
     if not 0 <= k <= n - skip:
         raise ValueError(f"global_top_k(k={k}): there are {n} samples, {skip} of them excluded as outliers")
     m = min(k + skip, int(counts.max()))
 
+    # Both sorts run where the values are, as `Scores.top` would there (sorts on different
+    # devices need not agree on -0.0 vs +0.0); only the collectives use the comm device (NCCL's).
     order = _ordered(values, indices, descending)[:m]
     local = order.numel()
     send_values = torch.zeros(m, dtype=values.dtype, device=comm)
     send_indices = torch.full((m,), -1, dtype=torch.int64, device=comm)
-    send_values[:local] = values[order]
-    send_indices[:local] = indices[order]
+    send_values[:local] = values[order].to(comm)
+    send_indices[:local] = indices[order].to(comm)
     all_values = _all_gather(send_values, ctx, stats)
     all_indices = _all_gather(send_indices, ctx, stats)
 
     # Only each rank's first min(count, m) slots are candidates; the rest is padding.
     taken = [min(int(c), m) for c in counts]
-    cand_values = torch.cat([v[:t] for v, t in zip(all_values, taken)])
-    cand_indices = torch.cat([i[:t] for i, t in zip(all_indices, taken)])
+    cand_values = torch.cat([v[:t] for v, t in zip(all_values, taken)]).to(out_device)
+    cand_indices = torch.cat([i[:t] for i, t in zip(all_indices, taken)]).to(out_device)
     merged = _ordered(cand_values, cand_indices, descending)[skip : skip + k]
-    return cand_indices[merged].to(out_device)
+    return cand_indices[merged]
 
 
 def gather_scores(scores, ctx: Context | None = None):

@@ -27,10 +27,11 @@ The run directory (`out`) holds every stage's output and nothing is recomputed t
 
 Under `torchrun` (see ensel.distributed) the same run is spread over the ranks: run r of a stage
 trains on rank r % world; each rank scores a contiguous shard of the candidates into its own
-accumulator (state in acquisition/state/rank{r}); the selection is a global top-k with the tie
-rule of `Scores.top`, so the subsets are those of a single process. Rank 0 alone writes the
-shared files (subsets, scores, metrics, report); what exists is decided by rank 0's view,
-broadcast, so every rank takes the same path through the collectives.
+accumulator (state in acquisition/state/world{W}-rank{r}: a restart on another number of ranks
+starts the pass over); the selection is a global top-k with the tie rule of `Scores.top`, so
+the subsets are those of a single process. Rank 0 alone writes the shared files (subsets,
+scores, metrics, report); what exists is decided by rank 0's view, broadcast, so every rank
+takes the same path through the collectives.
 """
 
 from __future__ import annotations
@@ -127,6 +128,14 @@ def size_count(size: float | int, pool: int) -> int:
     if not 1 <= count <= pool:
         raise ValueError(f"size {size}: {count} samples, but the pool has {pool}")
     return count
+
+
+def shard_dir(base: Path, ctx: Context) -> Path:
+    """Where rank `ctx.rank` keeps its shard's files under `base` (`base` itself in one process).
+    The name holds the world size because the shard depends on it: a run restarted on another
+    number of ranks starts these over, instead of resuming a saved accumulator on another shard
+    that merely has the same number of samples (the only thing `score_members` can check)."""
+    return base / f"world{ctx.world}-rank{ctx.rank}" if ctx.distributed else base
 
 
 class Experiment:
@@ -290,8 +299,8 @@ class Experiment:
         ctx = self.ctx
         # Each rank scores its contiguous shard of the candidates, resumably in its own state dir.
         start, stop = shard(len(candidates), ctx.rank, ctx.world)
-        state_dir = out / "state" / f"rank{ctx.rank}" if ctx.distributed else out / "state"
-        logits_dir = (out / "logits" / f"rank{ctx.rank}" if ctx.distributed else out / "logits") if cfg.save_logits else None
+        state_dir = shard_dir(out / "state", ctx)
+        logits_dir = shard_dir(out / "logits", ctx) if cfg.save_logits else None
         summaries = [json.loads((stage / f"run{r}" / "done.json").read_text()) for r in range(cfg.runs)]
         members = ensemble_members(cfg.ensemble, summaries, n=cfg.last, stride=cfg.stride)
         bar = self._bar(len(members), f"{stage.relative_to(self.out)}/acquisition")
@@ -304,8 +313,8 @@ class Experiment:
         if bar is not None:
             bar.close()
         if ctx.distributed:
-            # N x 11 values (56 MB at ImageNet's 1.28M): kept for the report and for resuming; the
-            # selection itself only moves each rank's top candidates (`_acquire`).
+            # N x 56 bytes (72 MB at ImageNet's 1.28M), received by every rank: kept for the report
+            # and for resuming; the selection itself only moves each rank's top candidates.
             scores = gather_scores(scores, ctx)
             if not ctx.is_main:
                 ctx.barrier()

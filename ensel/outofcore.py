@@ -314,5 +314,9 @@ class _Pipeline:
             stop.set()
             free.put((None, None))  # wakes a reader waiting for a slot
             thread.join()
+            if side is not None:
+                # Left early (an error, or the caller stopped): a copy into a device buffer may
+                # still be queued, and the buffers must not be freed (and reused) under it.
+                side.synchronize()
             for fd in fds:
                 os.close(fd)

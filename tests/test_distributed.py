@@ -114,6 +114,14 @@ def worker(mode: str, out: Path):
         for name, values, sizes, permuted, by, k, ex in topk_cases():
             mine = rank_pieces(len(values), sizes, permuted)[ctx.rank]
             results[name] = distributed.global_top_k(values[mine], mine, k, by=by, exclude_top=ex, ctx=ctx)
+        # NaN on rank 1 only: every rank must raise, not rank 1 alone (the others would then wait
+        # in a collective rank 1 never enters, and the all_gather_object below would hang).
+        try:
+            own = torch.tensor([1.0, float("nan") if ctx.rank == 1 else 2.0])
+            distributed.global_top_k(own, torch.tensor([2 * ctx.rank, 2 * ctx.rank + 1]), 1, by="entropy", ctx=ctx)
+            results["nan"] = "no error"
+        except ValueError as e:
+            results["nan"] = str(e)
         # Every rank must hold the same answer.
         theirs = [None] * ctx.world
         torch.distributed.all_gather_object(theirs, results)
@@ -188,6 +196,8 @@ def test_global_top_k_matches_single_process_top(two_rank_runs):
             got = results[name]
             assert got.dtype == torch.int64, name
             assert torch.equal(got, expected), f"{name} on rank {rank}: {got.tolist()} != {expected.tolist()}"
+    for rank, results in enumerate(per_rank):
+        assert "NaN" in results["nan"] and "rank(s) [1]" in results["nan"], (rank, results["nan"])
     # The cases do exercise what they claim: a rank with fewer samples than k + excluded.
     assert any(min(sizes) < k + int(ex * len(values)) for _, values, sizes, _, _, k, ex in cases)
 
@@ -279,6 +289,24 @@ def test_shard_tiles_the_samples():
             assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError):
         distributed.shard(10, 2, 2)
+
+
+def test_shard_dirs_differ_whenever_the_shard_may():
+    """A restart on another number of ranks must not resume a state saved for another shard, even
+    one of the same size (n = 5: rank 1 holds [3, 5) of 2 ranks and [2, 4) of 3)."""
+    from ensel.loop import shard_dir
+
+    base = Path("acq") / "state"
+    assert shard_dir(base, distributed.Context()) == base
+    n = 5
+    assert distributed.shard(n, 1, 2) != distributed.shard(n, 1, 3)
+    dirs = {}
+    for world in (1, 2, 3, 4):
+        for rank in range(world):
+            ctx = distributed.Context(rank=rank, world=world, backend="gloo")
+            d = shard_dir(base, ctx)
+            assert d.parent == base
+            assert dirs.setdefault(d, (rank, world)) == (rank, world), f"{d} serves two shards"
 
 
 def test_single_process_context_and_validation(monkeypatch):
