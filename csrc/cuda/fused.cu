@@ -6,6 +6,7 @@
 // (csrc/cpu/score_cpu.cpp): a sample's first invalid member stops its accumulation and is reported
 // through the failure word; outputs of failed calls are never used.
 #include "cuda/device.cuh"
+#include "cuda/row_pass.cuh"
 #include "cuda/score_cuda.h"
 
 namespace ensel {
@@ -36,8 +37,7 @@ __device__ __forceinline__ const T* row_of(const FusedParams& p, int64_t e, int6
 // The votes are counted in shared memory, K int32 per sample (<= 32 KB per block by the choice of
 // G), written only by the group's leader and read after __syncwarp; no __syncthreads anywhere, warps
 // are independent. Lanes of samples >= N run the same (warp-uniform) control flow on -inf rows and
-// write nothing.
-constexpr int kChunksPerLane = kGroupSlots / kChunk;
+// write nothing. The row passes are row_pass.cuh's, shared with the streaming update.
 
 template <typename T, int G>
 __global__ void __launch_bounds__(kGroupThreads, 2) fused_group_kernel(FusedParams p) {
@@ -73,34 +73,10 @@ __global__ void __launch_bounds__(kGroupThreads, 2) fused_group_kernel(FusedPara
     for (int64_t e = 0; e < p.E; ++e) {
       const T* row = active ? row_of<T>(p, e, n) : nullptr;
       C x[kGroupSlots];
-      // All loads first (up to 8 independent vector loads in flight per lane).
-#pragma unroll
-      for (int j = 0; j < kChunksPerLane; ++j) {
-        if (j < lane_chunks) {
-          const int32_t k0 = (j * G + lane_in_group) * kChunk;
-          C chunk[kChunk];
-          if (active && k0 < K)
-            load_chunk(row, k0, K, p.vec, chunk);
-          else
-            fill_neg_inf(chunk);
-#pragma unroll
-          for (int v = 0; v < kChunk; ++v) x[j * kChunk + v] = chunk[v];
-        }
-      }
+      load_group_row<G>(row, active, K, p.vec, lane_in_group, lane_chunks, x);
       // Max and validity.
-      C m = neg_inf;
       int32_t bad = 0;
-#pragma unroll
-      for (int j = 0; j < kChunksPerLane; ++j) {
-        if (j < lane_chunks) {
-#pragma unroll
-          for (int v = 0; v < kChunk; ++v) {
-            const C xv = x[j * kChunk + v];
-            m = xv > m ? xv : m;  // NaN never wins; RowCheck names it
-            bad |= !(xv < static_cast<C>(kInf));
-          }
-        }
-      }
+      C m = lane_max<true>(x, lane_chunks, bad);
       m = group_reduce<G>(m, MaxOp());
       Status status = m == neg_inf ? kAllNegInf : kOk;
       if (__any_sync(kFullMask, bad)) {  // rare: the first NaN / +inf of the row decides
@@ -120,27 +96,9 @@ __global__ void __launch_bounds__(kGroupThreads, 2) fused_group_kernel(FusedPara
       dead = dead || status != kOk;
 
       // First argmax, s, t; the exponentials replace the logits in x[].
-      int32_t a = K;
-      float s = 0.0f, t = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kChunksPerLane; ++j) {
-        if (j < lane_chunks) {
-          const int32_t k0 = (j * G + lane_in_group) * kChunk;
-#pragma unroll
-          for (int v = 0; v < kChunk; ++v) {
-            const C xv = x[j * kChunk + v];
-            a = xv == m && k0 + v < a ? k0 + v : a;
-            const float d = shifted_logit(static_cast<float>(xv - m));
-            const float ex = exp_of_shifted(d);
-            x[j * kChunk + v] = ex;
-            s += ex;
-            t += ex * d;
-          }
-        }
-      }
-      a = group_reduce<G>(a, MinOp());
-      s = group_reduce<G>(s, SumOp());
-      t = group_reduce<G>(t, SumOp());
+      int32_t a;
+      float s, t;
+      group_row_exponentials<G>(x, m, K, lane_in_group, lane_chunks, a, s, t);
       const float inv_s = 1.0f / s;
       const float log_s = logf(s);
       entropy_sum += member_entropy(log_s, t, inv_s);
@@ -203,71 +161,6 @@ struct BlockWorkspace {
   float* pbar_global; // [gridDim.x, K], or null when pbar is in shared memory
 };
 
-constexpr int kBlockUnroll = 4;  // chunks each thread loads before using them (bytes in flight)
-
-template <typename T>
-__device__ __forceinline__ void block_row_stats(const T* row, int32_t K, bool vec, RowParts<compute_t<T>>& parts) {
-  using C = compute_t<T>;
-  const int32_t num_chunks = (K + kChunk - 1) / kChunk;
-  parts.online = OnlineRow<C>::empty(K);
-  parts.check = RowCheck::empty();
-  for (int32_t c0 = threadIdx.x; c0 < num_chunks; c0 += kBlockUnroll * kBlockThreads) {
-    C x[kBlockUnroll][kChunk];
-#pragma unroll
-    for (int u = 0; u < kBlockUnroll; ++u) {
-      const int32_t c = c0 + u * kBlockThreads;
-      if (c < num_chunks)
-        load_chunk(row, c * kChunk, K, vec, x[u]);
-      else
-        fill_neg_inf(x[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kBlockUnroll; ++u) {
-      const int32_t k0 = (c0 + u * kBlockThreads) * kChunk;  // increasing k within the thread
-#pragma unroll
-      for (int v = 0; v < kChunk; ++v) {
-        parts.check.push(x[u][v], k0 + v);
-        parts.online.push(x[u][v], k0 + v);
-      }
-    }
-  }
-}
-
-// pbar[k] += exp(l_k - m) * inv_s over the thread's chunks (same ownership as block_row_stats).
-template <typename T>
-__device__ __forceinline__ void block_add_probabilities(const T* row, int32_t K, bool vec, compute_t<T> m,
-                                                        float inv_s, float* pbar, bool pbar_vec) {
-  using C = compute_t<T>;
-  const int32_t num_chunks = (K + kChunk - 1) / kChunk;
-  for (int32_t c0 = threadIdx.x; c0 < num_chunks; c0 += kBlockUnroll * kBlockThreads) {
-    C x[kBlockUnroll][kChunk];
-#pragma unroll
-    for (int u = 0; u < kBlockUnroll; ++u) {
-      const int32_t c = c0 + u * kBlockThreads;
-      if (c < num_chunks) load_chunk(row, c * kChunk, K, vec, x[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kBlockUnroll; ++u) {
-      const int32_t c = c0 + u * kBlockThreads;
-      if (c < num_chunks) {
-        const int32_t k0 = c * kChunk;
-        float q[kChunk];
-#pragma unroll
-        for (int v = 0; v < kChunk; ++v) q[v] = exp_of_shifted(shifted_logit(static_cast<float>(x[u][v] - m))) * inv_s;
-        if (pbar_vec && k0 + kChunk <= K) {
-          float4 acc = *reinterpret_cast<float4*>(pbar + k0);
-          acc.x += q[0], acc.y += q[1], acc.z += q[2], acc.w += q[3];
-          *reinterpret_cast<float4*>(pbar + k0) = acc;
-        } else {
-#pragma unroll
-          for (int v = 0; v < kChunk; ++v)
-            if (k0 + v < K) pbar[k0 + v] += q[v];
-        }
-      }
-    }
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads) fused_block_kernel(FusedParams p, BlockWorkspace w) {
   using C = compute_t<T>;
@@ -298,7 +191,7 @@ __global__ void __launch_bounds__(kBlockThreads) fused_block_kernel(FusedParams 
     for (int32_t e = 0; e < E && !dead; ++e) {
       const T* row = row_of<T>(p, e, n);
       RowParts<C> parts;
-      block_row_stats(row, K, p.vec, parts);
+      block_row_stats<true>(row, K, p.vec, parts.online, parts.check);
       parts = block_reduce(parts, RowPartsOp(), row_identity, row_scratch);
       const Status status = parts.check.status();
       if (status != kOk) {

@@ -7,6 +7,7 @@
 // once unless the word is still kNoFailure, so an invalid batch changes nothing. The batch is read
 // twice; a batch of a few thousand rows is still in L2 for the second read.
 #include "cuda/device.cuh"
+#include "cuda/row_pass.cuh"
 #include "cuda/score_cuda.h"
 
 namespace ensel {
@@ -26,19 +27,6 @@ struct UpdateParams {
 template <typename T>
 __device__ __forceinline__ const T* row_of(const UpdateParams& p, int64_t i) {
   return static_cast<const T*>(p.logits) + i * p.sample_stride;
-}
-
-// pbar_sum[n, k0 .. k0 + 4) += q (classes >= K untouched).
-__device__ __forceinline__ void add_chunk(float* prow, int32_t k0, int32_t K, bool pbar_vec, const float (&q)[kChunk]) {
-  if (pbar_vec && k0 + kChunk <= K) {
-    float4 acc = *reinterpret_cast<float4*>(prow + k0);
-    acc.x += q[0], acc.y += q[1], acc.z += q[2], acc.w += q[3];
-    *reinterpret_cast<float4*>(prow + k0) = acc;
-  } else {
-#pragma unroll
-    for (int v = 0; v < kChunk; ++v)
-      if (k0 + v < K) prow[k0 + v] += q[v];
-  }
 }
 
 // The per-sample scalars of one member, as update_cpu does them (group leader / thread 0 only).
@@ -96,8 +84,6 @@ __global__ void __launch_bounds__(kGroupThreads) check_kernel(UpdateParams p) {
 // ------------------------------------------------------------------------------------ update, K <= 1024
 // The fused group kernel's row step (fused.cu) for one member: G lanes per row, the row's chunks in
 // registers, pbar_sum[n] read-modify-written chunk by chunk by the lane that owns the chunk.
-constexpr int kChunksPerLane = kGroupSlots / kChunk;
-
 template <typename T, int G>
 __global__ void __launch_bounds__(kGroupThreads, 2) update_group_kernel(UpdateParams p) {
   using C = compute_t<T>;
@@ -109,7 +95,6 @@ __global__ void __launch_bounds__(kGroupThreads, 2) update_group_kernel(UpdatePa
   const int32_t num_chunks = (K + kChunk - 1) / kChunk;
   const int lane_chunks = (num_chunks + G - 1) / G;
   const int64_t num_tiles = (p.rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  const C neg_inf = static_cast<C>(-kInf);
 
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int64_t i = tile * kRowsPerBlock + threadIdx.x / G;
@@ -117,49 +102,13 @@ __global__ void __launch_bounds__(kGroupThreads, 2) update_group_kernel(UpdatePa
     const int64_t n = p.start + i;
     const T* row = active ? row_of<T>(p, i) : nullptr;
     C x[kGroupSlots];
-#pragma unroll
-    for (int j = 0; j < kChunksPerLane; ++j) {
-      if (j < lane_chunks) {
-        const int32_t k0 = (j * G + lane_in_group) * kChunk;
-        C chunk[kChunk];
-        if (active && k0 < K)
-          load_chunk(row, k0, K, p.vec, chunk);
-        else
-          fill_neg_inf(chunk);
-#pragma unroll
-        for (int v = 0; v < kChunk; ++v) x[j * kChunk + v] = chunk[v];
-      }
-    }
-    C m = neg_inf;
-#pragma unroll
-    for (int j = 0; j < kChunksPerLane; ++j) {
-      if (j < lane_chunks) {
-#pragma unroll
-        for (int v = 0; v < kChunk; ++v) m = x[j * kChunk + v] > m ? x[j * kChunk + v] : m;
-      }
-    }
+    load_group_row<G>(row, active, K, p.vec, lane_in_group, lane_chunks, x);
+    int32_t unused_bad = 0;
+    C m = lane_max<false>(x, lane_chunks, unused_bad);
     m = group_reduce<G>(m, MaxOp());  // finite for active rows: check_kernel passed them
-    int32_t a = K;
-    float sum = 0.0f, t = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kChunksPerLane; ++j) {
-      if (j < lane_chunks) {
-        const int32_t k0 = (j * G + lane_in_group) * kChunk;
-#pragma unroll
-        for (int v = 0; v < kChunk; ++v) {
-          const C xv = x[j * kChunk + v];
-          a = xv == m && k0 + v < a ? k0 + v : a;
-          const float d = shifted_logit(static_cast<float>(xv - m));
-          const float ex = exp_of_shifted(d);
-          x[j * kChunk + v] = ex;
-          sum += ex;
-          t += ex * d;
-        }
-      }
-    }
-    a = group_reduce<G>(a, MinOp());
-    sum = group_reduce<G>(sum, SumOp());
-    t = group_reduce<G>(t, SumOp());
+    int32_t a;
+    float sum, t;
+    group_row_exponentials<G>(x, m, K, lane_in_group, lane_chunks, a, sum, t);
     if (active) {
       const float inv_s = 1.0f / sum;
       const float log_s = logf(sum);
@@ -182,8 +131,7 @@ __global__ void __launch_bounds__(kGroupThreads, 2) update_group_kernel(UpdatePa
 // ------------------------------------------------------------------------------------ update, K > 1024
 // A block per row (looping over rows beyond the grid): one online pass over the row (OnlineRow per
 // thread, block_reduce), then a second pass adding exp(l - m) / s into pbar_sum[n], thread i owning
-// chunks i, i + kBlockThreads, ...
-constexpr int kBlockUnroll = 4;
+// chunks i, i + kBlockThreads, ... (row_pass.cuh's block passes, shared with the fused kernel).
 
 template <typename T>
 __global__ void __launch_bounds__(kBlockThreads) update_block_kernel(UpdateParams p) {
@@ -192,52 +140,19 @@ __global__ void __launch_bounds__(kBlockThreads) update_block_kernel(UpdateParam
   if (*p.failure != kNoFailure) return;  // uniform over the grid, before any barrier
   const StreamState& s = p.state;
   const int32_t K = static_cast<int32_t>(s.num_classes);
-  const int32_t num_chunks = (K + kChunk - 1) / kChunk;
   for (int64_t i = blockIdx.x; i < p.rows; i += gridDim.x) {
     const int64_t n = p.start + i;
     const T* row = row_of<T>(p, i);
-    OnlineRow<C> online = OnlineRow<C>::empty(K);
-    for (int32_t c0 = threadIdx.x; c0 < num_chunks; c0 += kBlockUnroll * kBlockThreads) {
-      C x[kBlockUnroll][kChunk];
-#pragma unroll
-      for (int u = 0; u < kBlockUnroll; ++u) {
-        const int32_t c = c0 + u * kBlockThreads;
-        if (c < num_chunks)
-          load_chunk(row, c * kChunk, K, p.vec, x[u]);
-        else
-          fill_neg_inf(x[u]);
-      }
-#pragma unroll
-      for (int u = 0; u < kBlockUnroll; ++u)
-#pragma unroll
-        for (int v = 0; v < kChunk; ++v) online.push(x[u][v], (c0 + u * kBlockThreads) * kChunk + v);
-    }
+    OnlineRow<C> online;
+    RowCheck unused_check;  // check_kernel has validated the batch
+    block_row_stats<false>(row, K, p.vec, online, unused_check);
     online = block_reduce(online, [](OnlineRow<C> a, const OnlineRow<C>& b) {
       a.merge(b);
       return a;
     }, OnlineRow<C>::empty(K), scratch);
     const float inv_s = 1.0f / online.s;
     const float log_s = logf(online.s);
-    float* prow = s.pbar_sum + n * K;
-    for (int32_t c0 = threadIdx.x; c0 < num_chunks; c0 += kBlockUnroll * kBlockThreads) {
-      C x[kBlockUnroll][kChunk];
-#pragma unroll
-      for (int u = 0; u < kBlockUnroll; ++u) {
-        const int32_t c = c0 + u * kBlockThreads;
-        if (c < num_chunks) load_chunk(row, c * kChunk, K, p.vec, x[u]);
-      }
-#pragma unroll
-      for (int u = 0; u < kBlockUnroll; ++u) {
-        const int32_t c = c0 + u * kBlockThreads;
-        if (c < num_chunks) {
-          float q[kChunk];
-#pragma unroll
-          for (int v = 0; v < kChunk; ++v)
-            q[v] = exp_of_shifted(shifted_logit(static_cast<float>(x[u][v] - online.m))) * inv_s;
-          add_chunk(prow, c * kChunk, K, p.pbar_vec, q);
-        }
-      }
-    }
+    block_add_probabilities(row, K, p.vec, online.m, inv_s, s.pbar_sum + n * K, p.pbar_vec);
     if (threadIdx.x == 0) update_scalars(p, n, row, online.m, log_s, member_entropy(log_s, online.t, inv_s), online.a);
   }
 }
