@@ -53,11 +53,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import providers as P  # noqa: E402
+from report import DTYPES, plot as plot_gbps  # noqa: E402
 
 import ensel  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SPEC_TBPS = {"H200": 4.8, "H100": 3.35, "A100": 2.04}  # HBM bandwidth from the vendors' data sheets
 FUSED = ("cuda", "triton")
 ROWS = ("cuda", "triton", "cuda_stream", "triton_stream", "cuda_update", "triton_update", "eager", "compile", "memcpy")
@@ -274,43 +274,6 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, names, path: Path, title: str, spec_gbps) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
-    fig, axes = plt.subplots(len(dtypes), 1, figsize=(14, 4.5 * len(dtypes)), squeeze=False)
-    colors = plt.get_cmap("tab10")
-    width = 0.8 / len(names)
-    for ax, dtype in zip(axes[:, 0], dtypes):
-        sub = [r for r in rows if r["dtype"] == dtype]
-        cases = list(dict.fromkeys((r["E"], r["N"], r["K"]) for r in sub))
-        for i, name in enumerate(names):
-            xs, ys = [], []
-            for c, case in enumerate(cases):
-                for r in sub:
-                    if (r["E"], r["N"], r["K"]) == case and r["provider"] == name and r["skipped"] is None:
-                        xs.append(c + (i - (len(names) - 1) / 2) * width)
-                        ys.append(r["gbps"])
-            ax.bar(xs, ys, width=width, label=name, color=colors(i % 10))
-        if spec_gbps:
-            ax.axhline(spec_gbps, color="k", ls="--", lw=1, label="spec HBM bandwidth")
-            ax.axhline(0.9 * spec_gbps, color="gray", ls=":", lw=1, label="90% of spec (target)")
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([f"E={E} K={K}\nN={N}" for E, N, K in cases], fontsize=8)
-        ax.set_ylabel("GB/s")
-        ax.set_title(dtype)
-        ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0, 0].legend(ncol=6, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.32))
-    fig.suptitle(title, y=1.02)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -383,7 +346,8 @@ def write(out: Path, info, args, rows, names, spec_gbps, wall_s: float, num_case
         f"ensel {info['ensel_commit']}, {info['date']}; {done} of {num_cases} cases, {wall_s:.0f} s\n\n"
     )
     (out / "gpu_report.txt").write_text(header + table(rows) + "\n")
-    plot(rows, names, out / "gpu_report.png", f"ensel on {info['gpu']} ({info['date'][:10]})", spec_gbps)
+    ceilings = [(spec_gbps, "spec HBM bandwidth", "--"), (0.9 * spec_gbps, "90% of spec (target)", ":")] if spec_gbps else []
+    plot_gbps(rows, names, out / "gpu_report.png", f"ensel on {info['gpu']} ({info['date'][:10]})", ceilings)
 
 
 if __name__ == "__main__":

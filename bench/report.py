@@ -299,7 +299,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], names: list[str], path: Path, title: str) -> None:
+def plot(rows: list[dict], names: list[str], path: Path, title: str, hlines=()) -> None:
+    """GB/s per provider per case on a log scale, one panel per dtype (also bench/gpu_report.py's);
+    `hlines`: (GB/s, label, line style) reference lines such as a bandwidth ceiling."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,14 +322,16 @@ def plot(rows: list[dict], names: list[str], path: Path, title: str) -> None:
                         xs.append(c + (i - (len(names) - 1) / 2) * width)
                         ys.append(r["gbps"])
             ax.bar(xs, ys, width=width, label=name, color=colors(i % 10))
+        for gbps, label, style in hlines:
+            ax.axhline(gbps, color="k", ls=style, lw=1, label=label)
         ax.set_yscale("log")
         ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels([f"E={E} K={K}\nN={N}" for E, N, K in cases])
-        ax.set_ylabel("GB/s (logit bytes read / time)")
+        ax.set_xticklabels([f"E={E} K={K}\nN={N}" for E, N, K in cases], fontsize=8)
+        ax.set_ylabel("GB/s (bytes read / time)")
         ax.set_title(f"{dtype}")
         ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0, 0].legend(ncol=len(names), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.25))
-    fig.suptitle(title, y=1.0)
+    axes[0, 0].legend(ncol=min(len(names) + len(hlines), 6), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.32))
+    fig.suptitle(title, y=1.02)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -34,7 +34,7 @@ from helpers import (
 from test_build import _cuobjdump
 
 NVCC = shutil.which("nvcc")
-BACKEND = ensel.backends._REGISTRY["cuda"]
+BACKEND = ensel.backends.get("cuda")
 HAS_GPU = BACKEND.available()
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason=f"needs a CUDA device ({BACKEND.why_unavailable() or 'none'})")
 
