@@ -1,5 +1,5 @@
 """The GPU benchmark report: ensel's GPU backends against the eager baseline, torch.compile and a
-device-to-device copy, on the same inputs, in one run (DESIGN.md section 5, issue 3).
+device-to-device copy, on the same inputs, in one run (the targets in bench/README.md).
 
     python3 bench/gpu_report.py --out DIR          # the full report (a few minutes on an H100)
     python3 bench/gpu_report.py --quick --out DIR  # a smoke run (seconds)

@@ -7,7 +7,7 @@ cross every strategy boundary (K = 1 ... 33000), odd sample counts, every dtype,
 labels, strided input, and an invalid row (which must raise the contract's ValueError naming the
 first offender and leave a streaming state unchanged); every result is compared with the float64
 reference. It also checks that the fused path allocates O(N) beyond its input on the GPU (the
-CUDA caching allocator's peak), as DESIGN.md section 5 asks. Exits 1 on the first wrong answer.
+CUDA caching allocator's peak), as docs/contract.md section 12 states. Exits 1 on the first wrong answer.
 
 Sizes are small on purpose: under compute-sanitizer every access is instrumented (10-100x slower).
 """

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ensel.outofcore import plan_chunk, score_logit_files
+from ensel.outofcore import plan_chunk, score_files
 
 
 def drop_caches() -> bool:
@@ -67,7 +67,7 @@ def main() -> None:
     nbytes = a.members * a.samples * a.classes * 2
     chunk = plan_chunk(a.members, a.samples, a.classes * 2, a.max_memory)
     runs = {"sequential read": lambda: sequential_read(paths),
-            "out-of-core score": lambda: score_logit_files(paths, max_memory=a.max_memory)}
+            "out-of-core score": lambda: score_files(paths, max_memory=a.max_memory)}
     cold = drop_caches()
     rows = []
     for rep in range(a.reps):

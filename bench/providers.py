@@ -1,4 +1,4 @@
-"""The benchmark's providers: every way of getting the contract's scores (DESIGN.md section 1)
+"""The benchmark's providers: every way of getting the contract's scores (docs/contract.md section 1)
 out of an [E, N, K] logits tensor that the report compares, plus two floors.
 
 Each provider is a plain function `(logits, labels=None) -> result`. Scoring providers return a
@@ -12,7 +12,7 @@ Inputs of a dtype a provider cannot take natively are converted as a user would
 is part of the provider's time.
 
 - eager       the contract's formulas as users write them: float32 eager PyTorch, softmax
-              materialized. "The eager baseline" of DESIGN.md section 5.
+              materialized. "The eager baseline" of bench/README.md.
 - compile     the same function under torch.compile (inductor), compiled once per shape/dtype.
 - numpy       the formulation active-learning libraries use (baal's heuristics style): softmax
               in numpy, np.mean over the ensemble axis, entropy as p * log(p + eps).

@@ -32,7 +32,7 @@ DIRECTION = {
     "nll": "high",
 }
 
-# Every field, in the contract's order (DESIGN.md section 1).
+# Every field, in the contract's order (docs/contract.md section 1).
 ALL_FIELDS = (
     "entropy",
     "mean_entropy",

@@ -1,6 +1,6 @@
 """The streaming accumulator's state: one layout shared by every backend, saved and loaded as is.
 
-Per sample n (DESIGN.md section 3): the running sum of member probabilities, the sum of member
+Per sample n (docs/contract.md section 9): the running sum of member probabilities, the sum of member
 entropies, the member count, each member's argmax (for the mode), and what the label scores need.
 Memory: 4 N K + 4 N E + 36 N bytes, e.g. 5.6 GB for N = 1.28M, K = 1000, E = 100.
 """

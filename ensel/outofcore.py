@@ -1,6 +1,6 @@
 """Out-of-core fused scoring: per-member [N, K] logit files on disk, scored under a memory budget.
 
-The fused kernel (DESIGN.md section 3) reduces an [E, N, K] block sample by sample, so the block
+The fused kernel (docs/contract.md section 8) reduces an [E, N, K] block sample by sample, so the block
 can be cut into chunks of samples and scored chunk by chunk: the scores of a sample depend only on
 its own E rows, and the result equals in-memory `ensel.score` bit for bit.
 
@@ -46,6 +46,11 @@ OUTPUT_BYTES = 4 * len(FLOAT_FIELDS) + 8 * len(INT_FIELDS)
 LABEL_BYTES = 8  # a chunk's labels, converted to int64 by ensel.score
 STAGING_BUFFERS = 2
 DEFAULT_MAX_MEMORY = 1 << 30
+
+# Beside a folder of member files, `rows.npz` (`indices`: int64 [N]) maps each file row to its
+# sample (pool index): a scoring pass usually covers only the unselected samples, and indices
+# selected from the files must be reported as pool indices (`ensel score --top`).
+ROWS_FILE = "rows.npz"
 
 _FILE_DTYPES = {
     "float16": torch.float16,
@@ -178,7 +183,7 @@ def _read_rows(fd: int, into: memoryview, offset: int, where: str) -> None:
         done += got
 
 
-def score_logit_files(
+def score_files(
     paths,
     labels=None,
     *,

@@ -1,4 +1,4 @@
-"""The float64 reference: the contract (DESIGN.md section 1) written as directly as PyTorch allows.
+"""The float64 reference: the contract (docs/contract.md section 1) written as directly as PyTorch allows.
 
 It materializes the softmax ([E, N, K] probabilities in float64), so it is the oracle of the tests
 and the baseline of the benchmarks, never a fast path. Each score is computed from its definition,

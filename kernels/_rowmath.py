@@ -1,5 +1,5 @@
 """Per-row and per-sample math shared by the Triton kernels: the Triton twin of
-csrc/include/ensel/row.h (DESIGN.md sections 1 and 3).
+csrc/include/ensel/row.h (docs/contract.md sections 1 and 8).
 
 For one member's row l in R^K:  m = max_k l_k,  a = the first k with l_k = m,
   s = sum_k exp(l_k - m),  t = sum_k exp(l_k - m) (l_k - m),  H(p) = log s - t / s,

@@ -1,5 +1,5 @@
 """Fused (sample-major) Triton kernels: an [E, N, K] block of logits to the contract's scores
-(DESIGN.md sections 1 and 3), never materializing a softmax.
+(docs/contract.md sections 1 and 8), never materializing a softmax.
 
 Two strategies by K:
 
@@ -14,7 +14,7 @@ Two strategies by K:
   per (member, sample) in an [E, N] scratch; the second walks the K-chunks in the outer loop and
   the members in the inner one, so each chunk of pbar is complete in registers before it is
   summarized (entropy, two largest entries), and takes the mode from the scratch argmaxes. The
-  logits are read twice, the one place the design allows it.
+  logits are read twice, the one place docs/contract.md section 8 allows it.
 
 Invalid rows are detected in the kernels; the first offending (member, sample) in lexicographic
 order lands in `fail` as the int64 key (member * N + sample) * 4 + status via atomic_min.

@@ -1,6 +1,6 @@
 """Host side of the Triton kernels: strategy by K, launch configurations, autotuning.
 
-Strategies (DESIGN.md section 3): K <= TILE_MAX_K reads every row once into a register tile
+Strategies (docs/contract.md section 8): K <= TILE_MAX_K reads every row once into a register tile
 (many samples per program for small K, one or a few rows per program up to TILE_MAX_K);
 beyond, rows are walked in chunks of CHUNK_K classes with an online softmax. These thresholds and
 MODE_BLOCK_E are module attributes so that tests can shrink them and reach the chunk path (and

@@ -1,5 +1,5 @@
 """Streaming (checkpoint-major) Triton kernels: one member's [B, K] rows into the accumulator state
-(ensel/_state.py layout), and the state into the contract's scores (DESIGN.md section 3).
+(ensel/_state.py layout), and the state into the contract's scores (docs/contract.md sections 8-9).
 
 * `check_kernel` validates a batch before anything is written, so an update is all or nothing:
   the first offending (member, sample), member = the sample's member count, goes to `fail` as

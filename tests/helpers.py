@@ -1,6 +1,6 @@
 """Shared helpers of the ensel test suite: backends, dtypes, tolerances, input builders, and the
 three ways to run a scoring (fused, Accumulator streaming, iterable), plus the comparison against
-the float64 reference (`ensel.reference_scores`, the oracle of DESIGN.md section 7)."""
+the float64 reference (`ensel.reference_scores`, the oracle of docs/contract.md sections 1 and 7)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ DTYPE_IDS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
 MODES = ["fused", "stream", "iterable"]
 
 FLOAT_SCORES = ("entropy", "mean_entropy", "mutual_info", "margin", "least_confidence")
-# Discrete scores: exact in every backend (DESIGN.md section 1).
+# Discrete scores: exact in every backend (docs/contract.md section 7).
 INT_SCORES = ("mode", "mode_votes")
 RATIO_SCORES = ("variation_ratio",)
 LABEL_INT_SCORES = ("forgetting",)
@@ -223,7 +223,7 @@ def assert_scores_equal(a: ensel.Scores, b: ensel.Scores):
 
 
 def assert_streaming_matches_fused(streamed: ensel.Scores, fused: ensel.Scores, K: int):
-    """DESIGN.md section 3: discrete scores bit for bit, continuous ones within tolerance."""
+    """docs/contract.md sections 7-8: discrete scores bit for bit, continuous ones within tolerance."""
     assert streamed.num_members == fused.num_members
     for name in ("mode", "mode_votes", "variation_ratio", "error_count", "forgetting"):
         a, b = getattr(streamed, name), getattr(fused, name)

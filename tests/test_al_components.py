@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 import ensel
-from ensel.consensus import consensus_counts
-from ensel.ensembles import ensemble_members
-from ensel.inference import score_files
-from ensel.loop import parse_size, size_count
-from ensel.models import build_model
-from ensel.training import TrainConfig, _Schedule
+from ensel.al.consensus import consensus_counts
+from ensel.al.ensembles import ensemble_members
+from ensel import score_files
+from ensel.al.loop import parse_size, size_count
+from ensel.al.models import build_model
+from ensel.al.training import TrainConfig, _Schedule
 
 # -- models ---------------------------------------------------------------------------------------
 
@@ -232,7 +232,7 @@ def _write_cifar(root, num_classes, per_batch=6, test=8):
 
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_cifar_from_the_pickled_layout(tmp_path, num_classes):
-    from ensel.data import load_dataset
+    from ensel.al.data import load_dataset
 
     labels = _write_cifar(tmp_path, num_classes)
     data = load_dataset(f"cifar{num_classes}", tmp_path)
@@ -252,7 +252,7 @@ def test_cifar_from_the_pickled_layout(tmp_path, num_classes):
 def test_imagefolder_from_class_folders_of_pngs(tmp_path):
     from PIL import Image
 
-    from ensel.data import load_dataset
+    from ensel.al.data import load_dataset
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 4), ("val", 2)):
@@ -294,8 +294,8 @@ class _Planted:
 
 
 def test_resume_state_is_never_unpickled_as_code(tmp_path):
-    from ensel.data import load_digits
-    from ensel.training import train_run
+    from ensel.al.data import load_digits
+    from ensel.al.training import train_run
 
     run_dir, marker = tmp_path / "run", tmp_path / "code_ran"
     run_dir.mkdir()
@@ -307,7 +307,7 @@ def test_resume_state_is_never_unpickled_as_code(tmp_path):
 
 def _fake_runs(root, epochs=(1, 2), runs=2):
     """Run directories holding random resnet10 checkpoints for digits (no training)."""
-    from ensel.training import checkpoint_path
+    from ensel.al.training import checkpoint_path
 
     dirs = []
     for r in range(runs):
@@ -327,9 +327,9 @@ class _Crash(Exception):
 
 @pytest.mark.parametrize("crash_in", ["progress", "accumulator"])
 def test_streamed_scoring_resumes_without_counting_a_member_twice(tmp_path, monkeypatch, crash_in):
-    from ensel import inference
+    from ensel.al import inference
     from ensel.accumulator import Accumulator
-    from ensel.data import load_digits
+    from ensel.al.data import load_digits
 
     data = load_digits()
     dirs = _fake_runs(tmp_path)
@@ -385,8 +385,8 @@ def test_score_cli_reports_pool_indices_of_a_partial_pass(tmp_path, capsys):
 def test_consensus_of_a_run_uses_only_its_consecutive_final_checkpoints(tmp_path):
     import json
 
-    from ensel.consensus import run_argmaxes
-    from ensel.data import load_digits
+    from ensel.al.consensus import run_argmaxes
+    from ensel.al.data import load_digits
 
     (run,) = _fake_runs(tmp_path, epochs=(1, 3, 4), runs=1)  # epoch 2 pruned, 1 kept as the best
     (run / "done.json").write_text(json.dumps({"epochs": 4, "best_epoch": 1, "kept_epochs": [1, 3, 4]}))
@@ -398,7 +398,7 @@ def test_consensus_of_a_run_uses_only_its_consecutive_final_checkpoints(tmp_path
 
 
 def test_transfer_refuses_an_output_directory_of_another_subset(tmp_path):
-    from ensel.loop import ExperimentConfig, transfer
+    from ensel.al.loop import ExperimentConfig, transfer
 
     a, b, out = tmp_path / "a.npy", tmp_path / "b.npy", tmp_path / "t"
     np.save(a, np.arange(0, 40))
@@ -411,7 +411,7 @@ def test_transfer_refuses_an_output_directory_of_another_subset(tmp_path):
 
 
 def test_exclude_top_too_large_for_a_size_is_refused_before_any_training(tmp_path):
-    from ensel.loop import Experiment, ExperimentConfig
+    from ensel.al.loop import Experiment, ExperimentConfig
 
     train = TrainConfig(arch="resnet10", epochs=1)
     # compress: 1000 of the 1348 pool samples after skipping int(0.5 * 1348) = 674 cannot be had
@@ -425,7 +425,7 @@ def test_exclude_top_too_large_for_a_size_is_refused_before_any_training(tmp_pat
 
 
 def test_a_refused_configuration_does_not_claim_its_output_directory(tmp_path):
-    from ensel.loop import Experiment, ExperimentConfig
+    from ensel.al.loop import Experiment, ExperimentConfig
 
     train = TrainConfig(arch="resnet10", epochs=1)
     with pytest.raises(ValueError, match="the pool has 1348"):
@@ -437,7 +437,7 @@ def test_a_refused_configuration_does_not_claim_its_output_directory(tmp_path):
 
 
 def test_a_run_may_resume_on_another_device_but_not_with_another_recipe(tmp_path):
-    from ensel.loop import Experiment, ExperimentConfig
+    from ensel.al.loop import Experiment, ExperimentConfig
 
     train = TrainConfig(arch="resnet10", epochs=1)
     Experiment(ExperimentConfig(sizes=(0.2,), train=train, device="cpu", workers=2), tmp_path, progress=False)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import ensel
-from ensel import training
+from ensel.al import training
 from ensel.cli import main
-from ensel.loop import Experiment, ExperimentConfig, transfer
-from ensel.training import TrainConfig
+from ensel.al.loop import Experiment, ExperimentConfig, transfer
+from ensel.al.training import TrainConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -114,7 +114,7 @@ def test_score_command_on_the_runs_logit_files_equals_in_memory_score(reference,
 
 
 def ensel_labels():
-    from ensel.data import load_digits
+    from ensel.al.data import load_digits
 
     return load_digits().train_labels.numpy()
 
@@ -199,8 +199,8 @@ def test_transfer_trains_another_architecture_on_a_saved_subset(reference, tmp_p
 
 
 def test_consensus_over_a_run_matches_direct_predictions(reference, tmp_path):
-    from ensel.data import load_digits
-    from ensel.models import build_model
+    from ensel.al.data import load_digits
+    from ensel.al.models import build_model
 
     out, _, _ = reference
     run = out / "trial0" / "init" / "run0"

@@ -1,4 +1,4 @@
-"""Every backend against the float64 reference (DESIGN.md section 1) on the contract's cases:
+"""Every backend against the float64 reference (docs/contract.md section 1) on the contract's cases:
 odd shapes, every dtype, ties, -inf masks, huge magnitudes; and the input conventions (no
 mutation, numpy and DLPack, non-contiguous views, devices, dtypes of the outputs)."""
 

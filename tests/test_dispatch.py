@@ -1,4 +1,4 @@
-"""What "auto" picks (DESIGN.md section 4, issue 3): the first verified backend of the device in
+"""What "auto" picks (docs/contract.md section 10): the first verified backend of the device in
 registration order; on CUDA tensors, triton while no GPU backend has passed the GPU suite."""
 
 import pytest

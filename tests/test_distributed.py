@@ -294,7 +294,7 @@ def test_shard_tiles_the_samples():
 def test_shard_dirs_differ_whenever_the_shard_may():
     """A restart on another number of ranks must not resume a state saved for another shard, even
     one of the same size (n = 5: rank 1 holds [3, 5) of 2 ranks and [2, 4) of 3)."""
-    from ensel.loop import shard_dir
+    from ensel.al.loop import shard_dir
 
     base = Path("acq") / "state"
     assert shard_dir(base, distributed.Context()) == base

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import ensel
-from ensel.inference import score_files
-from ensel.outofcore import OUTPUT_BYTES, bytes_per_chunk_sample, plan_chunk, score_logit_files
+from ensel import score_files
+from ensel.outofcore import OUTPUT_BYTES, bytes_per_chunk_sample, plan_chunk, score_files
 
 
 def write_members(tmp_path, logits: torch.Tensor, raw: bool = False) -> list:
@@ -56,12 +56,12 @@ def test_raw_files_given_shape_and_dtype(tmp_path):
     g = torch.Generator().manual_seed(6)
     logits = (torch.randn(4, 300, 9, generator=g) * 3).bfloat16()
     paths = write_members(tmp_path, logits, raw=True)
-    got = score_logit_files(paths, shape=(300, 9), dtype=torch.bfloat16, chunk_samples=64)
+    got = score_files(paths, shape=(300, 9), dtype=torch.bfloat16, chunk_samples=64)
     assert_same_scores(got, ensel.score(logits))
     with pytest.raises(ValueError, match="needs exactly"):
-        score_logit_files(paths, shape=(301, 9), dtype="bfloat16")
+        score_files(paths, shape=(301, 9), dtype="bfloat16")
     with pytest.raises(ValueError, match="both shape"):
-        score_logit_files(paths, shape=(300, 9))
+        score_files(paths, shape=(300, 9))
 
 
 def test_files_that_disagree_and_budgets_too_small_are_refused(tmp_path):
@@ -103,11 +103,11 @@ def test_invalid_logits_are_reported_at_their_file_row(tmp_path):
 
 PROBE = r"""
 import json, sys, numpy as np, torch
-from ensel.outofcore import score_logit_files, plan_chunk
+from ensel.outofcore import score_files, plan_chunk
 
 mode, budget, out, warm = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 paths = sys.argv[5:]
-score_logit_files([warm] * 2, max_memory=1 << 20)  # load code paths, start a thread once
+score_files([warm] * 2, max_memory=1 << 20)  # load code paths, start a thread once
 
 def rss(kind):
     with open("/proc/self/status") as f:
@@ -119,7 +119,7 @@ with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 before, file_before = rss("VmRSS"), rss("RssFile")
 if mode == "outofcore":
-    s = score_logit_files(paths, max_memory=budget)
+    s = score_files(paths, max_memory=budget)
 else:  # control: the same chunks taken from memory maps, whose pages stay mapped and resident
     import ensel
     maps = [np.load(p, mmap_mode="r") for p in paths]

@@ -1,4 +1,4 @@
-// The fused [E, N, K] reduction on the GPU (DESIGN.md section 3): each sample is owned by a group of
+// The fused [E, N, K] reduction on the GPU (docs/contract.md section 8): each sample is owned by a group of
 // lanes (K <= 1024) or a block (larger K) that loops over the E members in stream order and keeps
 // pbar and the votes on chip; only the scores are written. Per row: validity (check_row's rule),
 // max / first argmax / s / t (row.h's process_row quantities), H(p_e) = log s - t / s,

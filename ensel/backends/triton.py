@@ -1,5 +1,5 @@
 """The Triton backend (kernels/, shipped as ensel.kernels): the fused and streaming kernels of
-DESIGN.md section 3 on CUDA tensors, or on CPU tensors under Triton's interpreter
+docs/contract.md section 8 on CUDA tensors, or on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1), which is how the test suite runs them without a GPU.
 
 The kernels module is imported inside the methods: `triton.jit` decides between compiling and
@@ -11,6 +11,7 @@ logged on the "ensel" logger at DEBUG level (see kernels/launch.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -19,12 +20,16 @@ from .._inputs import raise_invalid
 from .._state import StreamState
 from .cpu import _rows_contiguous
 
-try:
-    import triton  # noqa: F401
-
-    _IMPORT_ERROR = ""
-except ImportError as e:  # triton ships with torch's Linux wheels only
-    _IMPORT_ERROR = str(e)
+@functools.cache
+def _import_error() -> str:
+    """Why triton cannot be imported ("" when it can). Asked only when a backend is chosen for a
+    CUDA tensor (or under the interpreter): `import ensel` never imports triton, which takes
+    about a second and is not needed on CPU tensors."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # triton ships with torch's Linux wheels only
+        return str(e)
+    return ""
 
 
 def _interpreting() -> bool:
@@ -50,11 +55,11 @@ class TritonBackend:
         return frozenset({"cuda", "cpu"}) if _interpreting() else frozenset({"cuda"})
 
     def available(self) -> bool:
-        return not _IMPORT_ERROR and (_interpreting() or torch.cuda.is_available())
+        return (_interpreting() or torch.cuda.is_available()) and not _import_error()
 
     def why_unavailable(self) -> str:
-        if _IMPORT_ERROR:
-            return f"triton failed to import: {_IMPORT_ERROR}"
+        if _import_error():
+            return f"triton failed to import: {_import_error()}"
         if not (_interpreting() or torch.cuda.is_available()):
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors, slowly)"
         return ""

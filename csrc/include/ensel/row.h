@@ -1,4 +1,4 @@
-// The per-row and per-sample math of the contract (DESIGN.md section 1), written once.
+// The per-row and per-sample math of the contract (docs/contract.md sections 1 and 8), written once.
 //
 // For one member's row l in R^K:   m = max_k l_k,  a = argmax (lowest index on ties),
 //   s = sum_k exp(l_k - m),  t = sum_k exp(l_k - m) (l_k - m),

@@ -74,3 +74,21 @@ def run_argmaxes(data, run_dir: Path, arch: str, last: int = 20, split: str = "t
         if progress is not None:
             progress.update(1)
     return result
+
+
+def open_logit_files(paths) -> list[np.ndarray]:
+    """Read-only memory maps of per-member [N, K] logit files, checked to agree in shape."""
+    arrays = []
+    for p in paths:
+        try:
+            a = np.load(p, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{p}: not a readable .npy logits file ({e})") from e
+        if a.ndim != 2:
+            raise ValueError(f"{p}: expected [N, K] logits of one member, got shape {a.shape}")
+        if arrays and a.shape != arrays[0].shape:
+            raise ValueError(f"{p}: shape {a.shape} differs from {paths[0]}'s {arrays[0].shape}")
+        arrays.append(a)
+    if not arrays:
+        raise ValueError("no logit files given")
+    return arrays

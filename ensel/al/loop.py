@@ -45,12 +45,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._fields import DIRECTION
+from .._fields import DIRECTION
 from .data import load_dataset
-from .distributed import Context, global_top_k, gather_scores, shard
+from ..distributed import Context, global_top_k, gather_scores, shard
 from .ensembles import ensemble_members
 from .inference import ensemble_val_accuracy, score_members
-from .scores import Scores
+from ..scores import Scores
 from .training import TrainConfig, atomic_json, atomic_torch_save, train_run
 
 SCHEMES = ("build_up", "pretrain", "compress")

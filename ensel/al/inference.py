@@ -1,7 +1,7 @@
 """Streaming inference: each checkpoint's logits over the pool go straight into an Accumulator.
 
 The accumulator lives on the device that runs the model, so logits never leave it: batch by
-batch, one member at a time (the checkpoint-major order of DESIGN.md section 3). Optionally each
+batch, one member at a time (the checkpoint-major order of docs/contract.md section 8). Optionally each
 member's logits are also written as a float16 `.npy` file ([N, K], memory-mapped while written),
 for later fused scoring with `score_files` (`ensel score FILES...`); `rows.npz` beside them maps
 each file row to its sample (pool index), since a pass usually covers only the unselected samples.
@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .accumulator import Accumulator
+from ..accumulator import Accumulator
+from ..outofcore import ROWS_FILE
 from .models import build_model
-from .scores import Scores
+from ..scores import Scores
 from .training import atomic_json, load_weights, predict_batches, resolve_device
 
 
-ROWS_FILE = "rows.npz"  # beside the member files: `indices`, the split's row of each file row
 
 
 def member_file_name(position: int, run: int, epoch: int) -> str:
@@ -128,41 +128,3 @@ def ensemble_val_accuracy(data, run_dirs, members, arch: str, device="auto", bat
         for start, logits in predict_batches(model, data, "val", device, batch_size, amp=amp):
             probs[start : start + logits.shape[0]] += logits.softmax(-1)
     return float((probs.argmax(-1).cpu() == data.val_labels).float().mean())
-
-
-def open_logit_files(paths) -> list[np.ndarray]:
-    """Read-only memory maps of per-member [N, K] logit files, checked to agree in shape."""
-    arrays = []
-    for p in paths:
-        try:
-            a = np.load(p, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{p}: not a readable .npy logits file ({e})") from e
-        if a.ndim != 2:
-            raise ValueError(f"{p}: expected [N, K] logits of one member, got shape {a.shape}")
-        if arrays and a.shape != arrays[0].shape:
-            raise ValueError(f"{p}: shape {a.shape} differs from {paths[0]}'s {arrays[0].shape}")
-        arrays.append(a)
-    if not arrays:
-        raise ValueError("no logit files given")
-    return arrays
-
-
-def score_files(
-    paths, labels=None, chunk_samples: int | None = None, device="cpu", backend: str = "auto", *,
-    max_memory: int | None = None, shape=None, dtype=None,
-) -> Scores:
-    """Fused scoring of per-member logit files (in the given member order), out of core.
-
-    Samples are independent, so the [E, N, K] block is scored in chunks of samples, each read
-    once from every file (by a prefetch thread, while the previous chunk is scored) and reduced by
-    the fused kernel; what this allocates stays under `max_memory` bytes (default 1 GiB) whatever
-    N is. `.npy` files, or raw row-major files given `shape=(N, K)` and `dtype`. See
-    `ensel.outofcore`.
-    """
-    from .outofcore import score_logit_files
-
-    return score_logit_files(
-        paths, labels, max_memory=max_memory, chunk_samples=chunk_samples, shape=shape, dtype=dtype,
-        device=device, backend=backend,
-    )  # fmt: skip
