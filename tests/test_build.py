@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def wheel_files(tmp_path_factory) -> list[str]:
+def wheel(tmp_path_factory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheel")
     cmd = [
         sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-build-isolation", "--no-deps",
@@ -21,8 +21,26 @@ def wheel_files(tmp_path_factory) -> list[str]:
         "-C", "cmake.define.ENSEL_CUDA=OFF",
     ]  # fmt: skip
     subprocess.run(cmd, check=True)
-    (wheel,) = out.glob("ensel-*.whl")
-    return zipfile.ZipFile(wheel).namelist()
+    (path,) = out.glob("ensel-*.whl")
+    return zipfile.ZipFile(path)
+
+
+@pytest.fixture(scope="module")
+def wheel_files(wheel) -> list[str]:
+    return wheel.namelist()
+
+
+def test_wheel_requires_only_the_core_and_offers_the_al_extra(wheel):
+    """An embedding user installs torch and numpy (triton where torch does not bring it), not
+    the active-learning layer's torchvision, scikit-learn, tqdm and matplotlib."""
+    (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    requires = [line.split(":", 1)[1].strip() for line in wheel.read(metadata).decode().splitlines()
+                if line.startswith("Requires-Dist:")]  # fmt: skip
+    name = lambda req: req.split(";")[0].split(">")[0].split("=")[0].split("<")[0].strip()  # noqa: E731
+    core = sorted(name(r) for r in requires if "extra ==" not in r)
+    al = sorted(name(r) for r in requires if "extra == \"al\"" in r)
+    assert core == ["numpy", "torch", "triton"], requires
+    assert al == ["matplotlib", "scikit-learn", "torchvision", "tqdm"], requires
 
 
 def test_wheel_ships_kernels_inside_the_package(wheel_files):
@@ -32,7 +50,8 @@ def test_wheel_ships_kernels_inside_the_package(wheel_files):
 
 def test_wheel_has_the_module_and_the_api(wheel_files):
     assert any(name.startswith("ensel/_C.") and name.endswith(".so") for name in wheel_files)
-    for module in ("__init__", "api", "accumulator", "scores", "reference", "backends/__init__"):
+    for module in ("__init__", "api", "accumulator", "scores", "reference", "outofcore", "backends/__init__",
+                   "al/__init__", "al/loop", "al/commands"):
         assert f"ensel/{module}.py" in wheel_files
 
 
