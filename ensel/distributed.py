@@ -15,6 +15,12 @@ sample among the global first k + skip is among its own rank's first k + skip: t
 local candidates contains the global answer, and sorting it with the same rule returns exactly the
 single-process set and order. Values travel as raw bits, so -0.0 and +0.0 stay what they were
 (torch.sort treats them as equal, in both paths, and the index breaks the tie).
+
+Why this module is in the core and not in ensel.al: `global_top_k` is `Scores.top` for a pool
+sharded over ranks, and must stay its exact twin (the same direction, tie rule and outlier count),
+which only holds if the two change together; and an embedding user who scores a sharded pool
+under their own torchrun needs it without the active-learning layer. It imports torch.distributed
+only (loaded when this module is, never by `import ensel`).
 """
 
 from __future__ import annotations
