@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .._io import atomic_write, atomic_write_bytes
+
 _COLUMNS = ("trial", "method", "size", "fraction", "single_acc", "ensemble_acc", "ensemble_members", "epochs", "seconds")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_table_csv(path: Path, rows: list[dict]) -> None:
@@ -25,7 +20,7 @@ def write_table_csv(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({**r, "epochs": " ".join(map(str, r.get("epochs", [])))})
-    _atomic_text(Path(path), buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -77,7 +72,7 @@ def write_report(out: Path, rows: list[dict], cfg, pool: int) -> str:
     w = csv.DictWriter(buf, fieldnames=list(summary[0]))
     w.writeheader()
     w.writerows(summary)
-    _atomic_text(out / "summary.csv", buf.getvalue())
+    atomic_write_bytes(out / "summary.csv", buf.getvalue().encode())
     trials = max(s["trials"] for s in summary)
     t = cfg.train
     sched = f"step schedule, {t.epochs} epochs" if t.schedule == "step" else f"patience {t.patience}, at most {t.max_epochs} epochs"
@@ -100,7 +95,7 @@ def write_report(out: Path, rows: list[dict], cfg, pool: int) -> str:
         + markdown_table(summary, cfg.methods, pool, "single")
         + "\n\n![accuracy against subset size](accuracy.png)\n"
     )
-    _atomic_text(out / "report.md", text)
+    atomic_write_bytes(out / "report.md", text.encode())
     plot_accuracy(summary, cfg.methods, pool, out / "accuracy.png", f"{cfg.scheme} on {cfg.data}")
     return text
 
@@ -142,10 +137,11 @@ def _finish(plt, fig, ax, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path, suffix=".png") as tmp:  # savefig picks the format by the extension
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def plot_consensus(curves: dict[str, dict], path: Path, num_samples: int) -> None:

@@ -20,7 +20,6 @@ run killed at any point resumes from its last finished epoch and ends in the sam
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import build_model
+from .._io import atomic_write, atomic_write_bytes
+from .models import ARCHITECTURES, build_model
 
 SCHEDULES = ("step", "patience")
 
@@ -60,6 +60,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.arch not in ARCHITECTURES:  # build_model would only refuse it when the first run starts
+            raise ValueError(f"arch={self.arch!r}: unknown; choose one of {', '.join(ARCHITECTURES)}")
         for name in ("epochs", "patience", "max_epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be at least 1")
@@ -84,21 +86,15 @@ class TrainConfig:
         return sorted({max(1, round(m * epochs)) for m in self.milestones})
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def atomic_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=1) + "\n").encode())
+    """`obj` as indented JSON, written atomically (ensel._io)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save, written atomically (ensel._io): a pickling error leaves no temporary file."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def checkpoint_path(run_dir: Path, epoch: int) -> Path:
@@ -120,9 +116,20 @@ def load_weights(model: nn.Module, run_dir: Path, epoch: int) -> nn.Module:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device `device` names ("auto": CUDA when available). A ValueError for a name torch
+    does not know or a CUDA device this machine lacks: callers resolve it before they write
+    anything, so that a typo fails at once instead of after the first stage's files."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r}: not a torch device ({e})") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index is not None and resolved.index >= count):
+            raise ValueError(f"device={device!r}: this machine has {count} CUDA device(s)")
+    return resolved
 
 
 def autocast(device: torch.device, enabled: bool):
