@@ -5,6 +5,8 @@
     training    SGD runs that keep every epoch's checkpoint (the implicit ensemble)
     ensembles   which (run, epoch) checkpoints form an acquisition ensemble
     inference   each checkpoint's logits over the pool streamed into an ensel.Accumulator
+    rundir      the run directory: its lock (one run at a time), config claim and subsets
+    stages      the loop's stages: train and evaluate, score the pool, acquire
     loop        the selection loop (build_up, compress, pretrain) in a resumable run directory
     consensus   top-1 agreement of consecutive checkpoints (paper Fig. 2)
     report      tables and plots of a run directory

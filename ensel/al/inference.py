@@ -13,19 +13,17 @@ is saved after every member and a restarted pass skips the members already count
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._io import atomic_write
 from ..accumulator import Accumulator
 from ..outofcore import ROWS_FILE
 from .models import build_model
 from ..scores import Scores
 from .training import atomic_json, load_weights, predict_batches, resolve_device
-
-
 
 
 def member_file_name(position: int, run: int, epoch: int) -> str:
@@ -85,28 +83,20 @@ def score_members(
         # Row i of every member file is sample rows[i] of `split`: without this map, indices
         # selected from the files (`ensel score --top`) could not be told apart from pool indices.
         rows = np.arange(n, dtype=np.int64) if indices is None else torch.as_tensor(indices, dtype=torch.int64).numpy()
-        tmp_rows = logits_dir / "rows.tmp.npz"
-        np.savez(tmp_rows, indices=rows, split=np.array(split))
-        os.replace(tmp_rows, logits_dir / ROWS_FILE)
+        with atomic_write(logits_dir / ROWS_FILE, suffix=".npz") as tmp:  # savez adds .npz to other names
+            np.savez(tmp, indices=rows, split=np.array(split))
 
     model = build_model(arch, data.num_classes, data.in_channels, data.image_size)
     for position in range(done, len(members)):
         run, epoch = members[position]
         load_weights(model, run_dirs[run], epoch)
         model.to(device)
-        out = tmp = None
-        if logits_dir is not None:
-            final = logits_dir / member_file_name(position, run, epoch)
-            tmp = final.with_name(final.name + ".tmp")
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, data.num_classes))
-        for start, logits in predict_batches(model, data, split, device, batch_size, indices, amp):
-            acc.update(logits, start=start)
-            if out is not None:
-                out[start : start + logits.shape[0]] = logits.cpu().numpy().astype(np.float16)
-        if out is not None:
-            out.flush()
-            del out
-            os.replace(tmp, final)
+        batches = predict_batches(model, data, split, device, batch_size, indices, amp)
+        if logits_dir is None:
+            _stream(acc, batches)
+        else:  # under a temporary name: an interrupted member leaves no half-written file
+            with atomic_write(logits_dir / member_file_name(position, run, epoch)) as tmp:
+                _stream(acc, batches, np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, data.num_classes)))
         if state_dir is not None:
             atomic_json(state_dir / "progress.json", {"done": position + 1, "members": [list(m) for m in members[: position + 1]]})
             acc.save(state_dir / "accumulator.pt")
@@ -115,6 +105,16 @@ def score_members(
         if hook is not None:
             hook("member", position=position, run=run, epoch=epoch)
     return acc.finalize()
+
+
+def _stream(acc: Accumulator, batches, out: np.memmap | None = None) -> None:
+    """Adds each batch of (start, logits) to `acc` and, if given, to the float16 file `out`."""
+    for start, logits in batches:
+        acc.update(logits, start=start)
+        if out is not None:
+            out[start : start + logits.shape[0]] = logits.cpu().numpy().astype(np.float16)
+    if out is not None:
+        out.flush()  # every page is in the file before it is renamed into place
 
 
 def ensemble_val_accuracy(data, run_dirs, members, arch: str, device="auto", batch_size: int = 512, amp: bool = True) -> float:

@@ -16,9 +16,13 @@ random subsets of a trial are nested (and in build_up contain the initial subset
 every method's run r uses the same seed, so models differ only by their data; the first build-up
 step's acquisition model (trained on the shared initial subset) is shared by every method.
 
+This module chains the stages; each stage is one function of `stages` (train and evaluate,
+score, acquire), and `rundir` holds the run directory's lock, its config claim and its subsets.
+
 The run directory (`out`) holds every stage's output and nothing is recomputed that exists:
 
     config.json
+    .lock                               while a run works here (another run is refused)
     trial{t}/full/run{r}/...            whole-pool models (baseline; compress/pretrain acquisition)
     trial{t}/init/subset.npy, run{r}/   build_up's random start
     trial{t}/{method}/size{n}/subset.npy, run{r}/epoch_NNN.pt, metrics.json
@@ -29,29 +33,29 @@ Under `torchrun` (see ensel.distributed) the same run is spread over the ranks: 
 trains on rank r % world; each rank scores a contiguous shard of the candidates into its own
 accumulator (state in acquisition/state/world{W}-rank{r}: a restart on another number of ranks
 starts the pass over); the selection is a global top-k with the tie rule of `Scores.top`, so
-the subsets are those of a single process. Rank 0 alone writes the shared files (subsets,
-scores, metrics, report); what exists is decided by rank 0's view, broadcast, so every rank
-takes the same path through the collectives.
+the subsets are those of a single process. Rank 0 alone holds the lock and writes the shared
+files (subsets, scores, metrics, report); what exists is decided by rank 0's view, broadcast, so
+every rank takes the same path through the collectives.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .._fields import DIRECTION
+from ..distributed import Context
+from . import stages
 from .data import load_dataset
-from ..distributed import Context, global_top_k, gather_scores, shard
-from .ensembles import ensemble_members
-from .inference import ensemble_val_accuracy, score_members
-from ..scores import Scores
-from .training import TrainConfig, atomic_json, atomic_torch_save, train_run
+from .ensembles import CONFIGS
+from .report import write_report, write_table_csv
+from .rundir import RunDir
+from .stages import Env, shard_dir
+from .training import TrainConfig, resolve_device
+
+__all__ = ["Experiment", "ExperimentConfig", "parse_size", "shard_dir", "size_count", "transfer"]
 
 SCHEMES = ("build_up", "pretrain", "compress")
 
@@ -94,6 +98,8 @@ class ExperimentConfig:
                 raise ValueError(f"method {m!r}: expected 'random' or a score among {', '.join(sorted(DIRECTION))}")
         if not self.methods:
             raise ValueError("methods: give at least one acquisition method")
+        if self.ensemble not in CONFIGS:  # else refused when the first acquisition starts, after training
+            raise ValueError(f"ensemble={self.ensemble!r}: choose one of {', '.join(CONFIGS)}")
         if not self.sizes:
             raise ValueError("sizes: give at least one subset size")
         self.sizes = tuple(self.sizes)
@@ -108,14 +114,23 @@ class ExperimentConfig:
 
 
 def parse_size(text: str) -> float | int:
-    """'0.25' or '25%' is a fraction of the pool, '300' a count."""
+    """A fraction of the pool in (0, 1], written with a decimal point or % ('0.25', '25%', '1.0'),
+    or a count: a whole number >= 1 without a decimal point ('300', '1e3'). The notation decides,
+    not the value: '1e3' is 1000 samples, '1.5' and '0' are errors, not 150% or no samples."""
     text = str(text).strip()
+    what = f"size {text!r}: expected a fraction (0.25, 25%) or a count (300, 1e3)"
     try:
-        if text.endswith("%"):
-            return float(text[:-1]) / 100
-        return float(text) if any(c in text for c in ".eE") else int(text)
+        value = float(text[:-1] if text.endswith("%") else text)
     except ValueError:
-        raise ValueError(f"size {text!r}: expected a fraction (0.25, 25%) or a count (300)") from None
+        raise ValueError(what) from None
+    if text.endswith("%") or "." in text:
+        fraction = value / 100 if text.endswith("%") else value
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"{what}; a fraction lies in (0, 1], a percentage in (0%, 100%]")
+        return fraction
+    if not (value.is_integer() and value >= 1):
+        raise ValueError(f"{what}; a count is a whole number of at least 1 (a fraction has a decimal point)")
+    return int(value)
 
 
 def size_count(size: float | int, pool: int) -> int:
@@ -130,12 +145,31 @@ def size_count(size: float | int, pool: int) -> int:
     return count
 
 
-def shard_dir(base: Path, ctx: Context) -> Path:
-    """Where rank `ctx.rank` keeps its shard's files under `base` (`base` itself in one process).
-    The name holds the world size because the shard depends on it: a run restarted on another
-    number of ranks starts these over, instead of resuming a saved accumulator on another shard
-    that merely has the same number of samples (the only thing `score_members` can check)."""
-    return base / f"world{ctx.world}-rank{ctx.rank}" if ctx.distributed else base
+
+def _plan(cfg: ExperimentConfig, pool: int) -> tuple[int | None, list[int]]:
+    """The sample counts of the random start (build_up; else None) and of the sizes, checked
+    against the pool: every acquisition must fit now, not after hours of training."""
+    counts = [size_count(s, pool) for s in cfg.sizes]
+    if sorted(set(counts)) != counts:
+        raise ValueError(f"sizes {cfg.sizes}: expected increasing sizes, got counts {counts}")
+    initial = None
+    if cfg.scheme == "build_up":
+        initial = size_count(cfg.initial, pool)
+        if initial >= counts[0]:
+            raise ValueError(f"initial={cfg.initial} ({initial} samples) must be smaller than the first size ({counts[0]})")
+    # Each acquisition takes count - selected samples from the pool - selected unselected ones,
+    # after skipping exclude_top of those (Scores.top).
+    if cfg.exclude_top and any(m != "random" for m in cfg.methods):
+        steps = zip([initial, *counts[:-1]], counts) if initial is not None else ((0, c) for c in counts)
+        for selected, count in steps:
+            candidates = pool - selected
+            skip = int(cfg.exclude_top * candidates)
+            if count - selected > candidates - skip:
+                raise ValueError(
+                    f"exclude_top={cfg.exclude_top}: acquiring {count - selected} of {candidates} unselected samples "
+                    f"leaves too few after skipping the {skip} most uncertain"
+                )
+    return initial, counts
 
 
 class Experiment:
@@ -143,322 +177,102 @@ class Experiment:
     per-trial result rows; `hook(event, **info)` sees every epoch, scored member and stage.
     `ctx` (ensel.distributed.init_from_env()) spreads the work over torch.distributed ranks."""
 
-    ctx = Context()  # single process (also for instances made by `transfer`)
-
     def __init__(self, cfg: ExperimentConfig, out: str | Path, hook=None, progress: bool = True, log=print,
                  ctx: Context | None = None):
-        self.ctx = ctx or Context()
-        if not self.ctx.is_main:  # one voice and one progress bar per run
+        ctx = ctx or Context()
+        if not ctx.is_main:  # one voice and one progress bar per run
             log, progress = (lambda *_: None), False
-        self.cfg, self.out, self.hook, self.log = cfg, Path(out), hook, log
-        self.progress = progress
+        self.cfg, self.out, self.ctx = cfg, Path(out), ctx
+        # Everything that can be checked is, before anything is written: a typo must not claim
+        # the directory (config.json would refuse the corrected command) or start a stage.
+        device = resolve_device(cfg.device)
         self.data = load_dataset(cfg.data, cfg.data_root, cfg.image_size, cfg.workers)
         self.pool = self.data.num_train
-        self.counts = [size_count(s, self.pool) for s in cfg.sizes]
-        if sorted(set(self.counts)) != self.counts:
-            raise ValueError(f"sizes {cfg.sizes}: expected increasing sizes, got counts {self.counts}")
-        if cfg.scheme == "build_up":
-            self.initial = size_count(cfg.initial, self.pool)
-            if self.initial >= self.counts[0]:
-                raise ValueError(f"initial={cfg.initial} ({self.initial} samples) must be smaller than the first size ({self.counts[0]})")
-        # Each acquisition takes count - selected samples from the pool - selected unselected ones,
-        # after skipping exclude_top of those (Scores.top): check now, not after hours of training.
-        if cfg.exclude_top and any(m != "random" for m in cfg.methods):
-            if cfg.scheme == "build_up":
-                steps = zip([self.initial, *self.counts[:-1]], self.counts)
-            else:
-                steps = ((0, c) for c in self.counts)
-            for selected, count in steps:
-                candidates = self.pool - selected
-                skip = int(cfg.exclude_top * candidates)
-                if count - selected > candidates - skip:
-                    raise ValueError(
-                        f"exclude_top={cfg.exclude_top}: acquiring {count - selected} of {candidates} unselected samples "
-                        f"leaves too few after skipping the {skip} most uncertain"
-                    )
-        # Only a valid configuration claims the directory: a typo must not lock it for the fix.
-        # Rank 0 first (the others would race on writing config.json), then the others check it.
-        if self.ctx.is_main:
-            _claim_out(self.out, cfg)
-        self.ctx.barrier()
-        if not self.ctx.is_main:
-            _claim_out(self.out, cfg)
-
-    # -- pieces ------------------------------------------------------------------------------
-
-    def _seed(self, trial: int, run: int) -> int:
-        return self.cfg.seed * 1_000_003 + trial * 1000 + run
-
-    def _permutation(self, trial: int) -> np.ndarray:
-        return np.random.default_rng([self.cfg.seed, trial, 7]).permutation(self.pool)
-
-    def _bar(self, total, desc):
-        if not self.progress:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # off when not a terminal
-
-    def _exists(self, path: Path) -> bool:
-        """Whether `path` exists, as rank 0 sees it: every rank then takes the same branch (rank 0
-        may write a file another rank has not yet looked for)."""
-        exists = path.exists()
-        if not self.ctx.distributed:
-            return exists
-        box = [exists if self.ctx.is_main else None]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return bool(box[0])
-
-    def _subset(self, stage: Path, make) -> np.ndarray:
-        path = stage / "subset.npy"
-        if self._exists(path):
-            return np.load(path)
-        subset = np.sort(np.asarray(make(), dtype=np.int64))  # every rank: make() may be collective
-        if not self.ctx.is_main:
-            return subset
-        stage.mkdir(parents=True, exist_ok=True)
-        tmp = stage / "subset.npy.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, subset)
-        tmp.replace(path)
-        return subset
-
-    def _train(self, stage: Path, subset: np.ndarray, trial: int, init_stage: Path | None = None,
-               scores_later: bool = True) -> list[dict]:
-        cfg = self.cfg
-        train_cfg = cfg.train if scores_later or not cfg.prune_unused else replace(cfg.train, keep=1)
-        summaries = []
-        for r in range(cfg.runs):
-            if r % self.ctx.world != self.ctx.rank:  # another rank trains this run
-                continue
-            bar = None
-            run_dir = stage / f"run{r}"
-            if not (run_dir / "done.json").exists():
-                bar = self._bar(cfg.train.run_epochs(len(subset)) if cfg.train.schedule == "step" else cfg.train.max_epochs,
-                                f"{stage.relative_to(self.out)}/run{r}")
-            init = lr = None
-            if init_stage is not None:  # pretrain: fine-tune run r of the whole-pool model
-                init_summary = json.loads((init_stage / f"run{r}" / "done.json").read_text())
-                init, lr = (init_stage / f"run{r}", init_summary["epochs"]), cfg.finetune_lr
-            summaries.append(
-                train_run(self.data, torch.from_numpy(subset), self._seed(trial, r), train_cfg, run_dir,
-                          cfg.device, init=init, lr=lr, hook=self.hook, progress=bar)
-            )
-            if bar is not None:
-                bar.close()
-        if self.ctx.distributed:
-            self.ctx.barrier()  # every run's done.json is written
-            summaries = [json.loads((stage / f"run{r}" / "done.json").read_text()) for r in range(cfg.runs)]
-        return summaries
-
-    def _evaluate(self, stage: Path, subset: np.ndarray, trial: int, method: str, init_stage=None,
-                  scores_later: bool = True) -> dict:
-        """Trains the stage's runs (if not done) and evaluates them. `scores_later`: the stage's
-        checkpoints will be an acquisition ensemble (or a fine-tuning start) later on."""
-        path = stage / "metrics.json"
-        if self._exists(path):
-            return json.loads(path.read_text())
-        t0 = time.perf_counter()
-        summaries = self._train(stage, subset, trial, init_stage, scores_later)
-        if not self.ctx.is_main:  # rank 0 evaluates and writes the metrics
-            self.ctx.barrier()
-            return json.loads(path.read_text())
-        run_dirs = [stage / f"run{r}" for r in range(self.cfg.runs)]
-        seeds = ensemble_members("seeds", summaries)
-        ens = ensemble_val_accuracy(self.data, run_dirs, seeds, self.cfg.train.arch, self.cfg.device,
-                                    self.cfg.train.eval_batch_size, self.cfg.train.amp)
-        single = [s["best_val_acc"] for s in summaries]
-        metrics = {
-            "trial": trial,
-            "method": method,
-            "size": int(len(subset)),
-            "fraction": len(subset) / self.pool,
-            "single_acc": float(np.mean(single)),
-            "single_accs": single,
-            "ensemble_acc": ens,
-            "ensemble_members": len(seeds),
-            "epochs": [s["epochs"] for s in summaries],
-            "seconds": time.perf_counter() - t0,
-        }
-        atomic_json(path, metrics)
-        self.ctx.barrier()
-        self._event("stage", stage=stage, kind="train")
-        self.log(f"  {stage.relative_to(self.out)}: {len(subset)} samples, single {metrics['single_acc']:.4f}, "
-                 f"ensemble of {len(seeds)} {ens:.4f}")
-        return metrics
-
-    def _scores(self, stage: Path, subset: np.ndarray) -> tuple[np.ndarray, Scores]:
-        """The acquisition model of `stage` (its runs) scores the pool samples outside `subset`."""
-        out = stage / "acquisition"
-        path = out / "scores.pt"
-        if self._exists(path):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            return saved["indices"].numpy(), _scores_from(saved)
-        cfg = self.cfg
-        candidates = np.setdiff1d(np.arange(self.pool), subset)
-        ctx = self.ctx
-        # Each rank scores its contiguous shard of the candidates, resumably in its own state dir.
-        start, stop = shard(len(candidates), ctx.rank, ctx.world)
-        state_dir = shard_dir(out / "state", ctx)
-        logits_dir = shard_dir(out / "logits", ctx) if cfg.save_logits else None
-        summaries = [json.loads((stage / f"run{r}" / "done.json").read_text()) for r in range(cfg.runs)]
-        members = ensemble_members(cfg.ensemble, summaries, n=cfg.last, stride=cfg.stride)
-        bar = self._bar(len(members), f"{stage.relative_to(self.out)}/acquisition")
-        scores = score_members(
-            self.data, [stage / f"run{r}" for r in range(cfg.runs)], members, cfg.train.arch,
-            indices=torch.from_numpy(candidates[start:stop]), device=cfg.device,
-            logits_dir=logits_dir, state_dir=state_dir,
-            batch_size=cfg.train.eval_batch_size, amp=cfg.train.amp, progress=bar, hook=self.hook,
-        )
-        if bar is not None:
-            bar.close()
-        if ctx.distributed:
-            # N x 56 bytes (72 MB at ImageNet's 1.28M), received by every rank: kept for the report
-            # and for resuming; the selection itself only moves each rank's top candidates.
-            scores = gather_scores(scores, ctx)
-            if not ctx.is_main:
-                ctx.barrier()
-                return candidates, scores
-        payload = {
-            "indices": torch.from_numpy(candidates),
-            "num_members": scores.num_members,
-            "fields": {k: v.cpu() for k, v in scores.to_dict().items()},
-            "members": [list(m) for m in members],
-        }
-        atomic_torch_save(payload, path)
-        # The resumable accumulator (4 N K bytes and more) is no longer needed once scores.pt exists.
-        shutil.rmtree(out / "state", ignore_errors=True)
-        ctx.barrier()
-        scores = _scores_from(payload)
-        self._event("stage", stage=stage, kind="scores")
-        return candidates, scores
-
-    def _acquire(self, stage: Path, subset: np.ndarray, method: str, count: int) -> np.ndarray:
-        """`count` new samples for `method` from the acquisition model of `stage`."""
-        candidates, scores = self._scores(stage, subset)
-        if not self.ctx.distributed:
-            picked = scores.top(count, by=method, exclude_top=self.cfg.exclude_top)
-            return candidates[picked.numpy()]
-        # Each rank offers its shard's top; the merge is Scores.top's rule, so the same subset.
-        start, stop = shard(len(candidates), self.ctx.rank, self.ctx.world)
-        values = getattr(scores, method)[start:stop]
-        picked = global_top_k(values, torch.arange(start, stop), count, by=method,
-                              exclude_top=self.cfg.exclude_top, ctx=self.ctx)
-        return candidates[picked.cpu().numpy()]
-
-    def _event(self, event, **info):
-        if self.hook is not None:
-            self.hook(event, **info)
-
-    # -- schemes -----------------------------------------------------------------------------
+        self.initial, self.counts = _plan(cfg, self.pool)
+        self.rundir = RunDir(self.out, ctx)
+        self.env = Env(cfg, self.data, device, self.rundir, hook, log, progress)
+        with self.rundir.held():
+            self.rundir.claim(cfg.to_dict())
 
     def run(self) -> list[dict]:
-        cfg = self.cfg
+        """Every trial of the scheme, then the report, with the run directory locked throughout."""
+        cfg, env = self.cfg, self.env
         rows = []
-        for t in range(cfg.trials):
-            self.log(f"trial {t + 1}/{cfg.trials}")
-            trial_dir = self.out / f"trial{t}"
-            perm = self._permutation(t)
-            full_dir = trial_dir / "full"
-            if cfg.full or cfg.scheme != "build_up":
-                everything = self._subset(full_dir, lambda: np.arange(self.pool))
-                rows.append(self._evaluate(full_dir, everything, t, "full", scores_later=cfg.scheme != "build_up"))
-            if cfg.scheme == "build_up":
-                rows += self._build_up(t, trial_dir, perm)
-            else:
-                rows += self._single_step(t, trial_dir, perm, full_dir)
-        from .report import write_report
-
-        if self.ctx.is_main:
-            write_report(self.out, rows, cfg, self.pool)
-        self.ctx.barrier()
+        with self.rundir.held():
+            self.rundir.claim(cfg.to_dict())  # again under this lock: the directory may have changed hands
+            for t in range(cfg.trials):
+                env.log(f"trial {t + 1}/{cfg.trials}")
+                trial_dir = self.out / f"trial{t}"
+                perm = np.random.default_rng([cfg.seed, t, 7]).permutation(self.pool)
+                full_dir = trial_dir / "full"
+                if cfg.full or cfg.scheme != "build_up":
+                    everything = self.rundir.subset(full_dir, lambda: np.arange(self.pool))
+                    rows.append(stages.evaluate(env, full_dir, everything, t, "full", scores_later=cfg.scheme != "build_up"))
+                if cfg.scheme == "build_up":
+                    rows += self._build_up(t, trial_dir, perm)
+                else:
+                    rows += self._single_step(t, trial_dir, perm, full_dir)
+            if self.ctx.is_main:
+                write_report(self.out, rows, cfg, self.pool)
+            self.ctx.barrier()
         return rows
 
     def _build_up(self, t: int, trial_dir: Path, perm: np.ndarray) -> list[dict]:
-        rows = []
+        env, subset_at = self.env, self.rundir.subset
         init_dir = trial_dir / "init"
-        init = self._subset(init_dir, lambda: perm[: self.initial])
-        rows.append(self._evaluate(init_dir, init, t, "initial"))
+        init = subset_at(init_dir, lambda: perm[: self.initial])
+        rows = [stages.evaluate(env, init_dir, init, t, "initial")]
         for method in self.cfg.methods:
             prev_dir, prev = init_dir, init
             for i, count in enumerate(self.counts):
                 stage = trial_dir / method / f"size{count}"
                 if method == "random":
-                    subset = self._subset(stage, lambda: perm[:count])
+                    subset = subset_at(stage, lambda: perm[:count])
                 else:
-                    subset = self._subset(
-                        stage, lambda: np.concatenate([prev, self._acquire(prev_dir, prev, method, count - len(prev))])
-                    )
+                    subset = subset_at(stage, lambda: np.concatenate(
+                        [prev, stages.acquire(env, prev_dir, prev, method, count - len(prev))]))
                 acquires_next = method != "random" and i + 1 < len(self.counts)
-                rows.append(self._evaluate(stage, subset, t, method, scores_later=acquires_next))
+                rows.append(stages.evaluate(env, stage, subset, t, method, scores_later=acquires_next))
                 prev_dir, prev = stage, subset
         return rows
 
     def _single_step(self, t: int, trial_dir: Path, perm: np.ndarray, full_dir: Path) -> list[dict]:
-        rows = []
+        env, subset_at = self.env, self.rundir.subset
         init_stage = full_dir if self.cfg.scheme == "pretrain" else None
-        everything = np.array([], dtype=np.int64)
+        nothing = np.array([], dtype=np.int64)  # the whole pool is scored
+        rows = []
         for method in self.cfg.methods:
             for count in self.counts:
                 stage = trial_dir / method / f"size{count}"
                 if method == "random":
-                    subset = self._subset(stage, lambda: perm[:count])
+                    subset = subset_at(stage, lambda: perm[:count])
                 else:
-                    subset = self._subset(stage, lambda: self._acquire(full_dir, everything, method, count))
-                rows.append(self._evaluate(stage, subset, t, method, init_stage, scores_later=False))
+                    subset = subset_at(stage, lambda: stages.acquire(env, full_dir, nothing, method, count))
+                rows.append(stages.evaluate(env, stage, subset, t, method, init_stage, scores_later=False))
         return rows
-
-
-_WHERE_IT_RUNS = frozenset({"device", "workers"})
-
-
-def _claim_out(out: Path, cfg: ExperimentConfig) -> None:
-    """Records the configuration in out/config.json, or refuses a directory that holds another."""
-    out.mkdir(parents=True, exist_ok=True)
-    saved = out / "config.json"
-    mine = json.loads(json.dumps(cfg.to_dict()))
-    if saved.exists():
-        theirs = json.loads(saved.read_text())
-        # Where it runs is not what it computes: a run started on a CPU may resume on a GPU.
-        diff = sorted(
-            k for k in set(theirs) | set(mine) if k not in _WHERE_IT_RUNS and theirs.get(k) != mine.get(k)
-        )
-        if diff:
-            raise ValueError(f"{out} holds a run with another configuration (differs in {', '.join(diff)}); use another --out")
-    else:
-        atomic_json(saved, mine)
-
-
-def _scores_from(saved: dict) -> Scores:
-    fields = dict(saved["fields"])
-    for name in ("error_count", "forgetting", "nll"):
-        fields.setdefault(name, None)
-    return Scores(num_members=saved["num_members"], **fields)
 
 
 def transfer(subset_path: str | Path, cfg: ExperimentConfig, out: str | Path, log=print, hook=None, progress=True) -> list[dict]:
     """Trains `cfg.runs` models of `cfg.train.arch` on a saved subset (paper Table 4), once per
     trial, and evaluates them alone and as an ensemble of their seeds. Writes out/trial{t}/ and
     out/results.csv; returns the per-trial metrics."""
-    out = Path(out)
+    device = resolve_device(cfg.device)
+    data = load_dataset(cfg.data, cfg.data_root, cfg.image_size, cfg.workers)
     subset = np.load(subset_path)
-    exp = Experiment.__new__(Experiment)
-    exp.cfg, exp.out, exp.hook, exp.log, exp.progress = cfg, out, hook, log, progress
-    exp.data = load_dataset(cfg.data, cfg.data_root, cfg.image_size, cfg.workers)
-    exp.pool = exp.data.num_train
-    if subset.ndim != 1 or len(subset) == 0 or subset.min() < 0 or subset.max() >= exp.pool:
-        raise ValueError(f"{subset_path}: expected a 1-D array of pool indices in [0, {exp.pool})")
+    if subset.ndim != 1 or len(subset) == 0 or subset.min() < 0 or subset.max() >= data.num_train:
+        raise ValueError(f"{subset_path}: expected a 1-D array of pool indices in [0, {data.num_train})")
     if len(np.unique(subset)) != len(subset):
         raise ValueError(f"{subset_path}: the subset repeats indices")
-    # A resumed transfer must train on the same subset and recipe as the interrupted one: the
-    # stages it finds done would otherwise be reported for another subset or architecture.
-    _claim_out(out, cfg)
-    saved = exp._subset(out, lambda: subset)
-    if not np.array_equal(saved, np.sort(subset)):
-        raise ValueError(f"{out} holds a transfer of another subset than {subset_path}; use another --out")
-    subset = saved
-    rows = [exp._evaluate(out / f"trial{t}", subset, t, cfg.train.arch, scores_later=False) for t in range(cfg.trials)]
-    from .report import write_table_csv
-
-    write_table_csv(out / "results.csv", rows)
+    rundir = RunDir(out)
+    env = Env(cfg, data, device, rundir, hook, log, progress)
+    with rundir.held():
+        # A resumed transfer must train on the same subset and recipe as the interrupted one: the
+        # stages it finds done would otherwise be reported for another subset or architecture.
+        rundir.claim(cfg.to_dict())
+        saved = rundir.subset(rundir.path, lambda: subset)
+        if not np.array_equal(saved, np.sort(subset)):
+            raise ValueError(f"{out} holds a transfer of another subset than {subset_path}; use another --out")
+        rows = [stages.evaluate(env, rundir.path / f"trial{t}", saved, t, cfg.train.arch, scores_later=False)
+                for t in range(cfg.trials)]
+        write_table_csv(rundir.path / "results.csv", rows)
     return rows
