@@ -7,6 +7,7 @@ helpers here turn their status codes into the contract's ValueError.
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import numpy as np
@@ -17,6 +18,22 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 
 # Status codes shared with csrc/include/ensel/common.h (Status).
 _STATUS_TEXT = {1: "NaN logit", 2: "+inf logit", 3: "row of all -inf logits"}
+
+
+def as_int(value, what: str, minimum: int | None = None) -> int:
+    """An integer argument as a Python int (docs/contract.md section 6): any integral type --
+    int, numpy integers, 0-d integer tensors, anything with `__index__` -- but not bool, which
+    is an int to Python and almost always a slip (`top(True, ...)`). Floats are refused even
+    when whole (3.0): a count computed in floating point is a count that can be off by one."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{what}: expected an integer, got a bool ({value!r})")
+    try:
+        result = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what}: expected an integer, got {type(value).__name__} {value!r}") from None
+    if minimum is not None and result < minimum:
+        raise ValueError(f"{what}: expected an integer >= {minimum}, got {result}")
+    return result
 
 
 def as_tensor(x, what: str = "logits") -> torch.Tensor:
@@ -54,11 +71,14 @@ def check_labels(labels, num_samples: int, num_classes: int, device: torch.devic
         raise TypeError(f"labels: expected an integer dtype, got {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != num_samples:
         raise ValueError(f"labels: expected shape [{num_samples}] (one per sample), got {tuple(labels.shape)}")
+    given = labels
     labels = labels.to(device=device, dtype=torch.int64, copy=True).contiguous()
+    # uint64 values from 2^63 wrap to negatives in int64: still caught as out of range here, but
+    # the message reports the caller's own value, read from the original tensor.
     bad = (labels < 0) | (labels >= num_classes)
     if bool(bad.any()):
         n = int(bad.nonzero()[0, 0])
-        raise ValueError(f"labels: label {int(labels[n])} of sample {n} is outside [0, {num_classes})")
+        raise ValueError(f"labels: label {given[n].item()} of sample {n} is outside [0, {num_classes})")
     return labels
 
 

@@ -7,6 +7,7 @@ Memory: 4 N K + 4 N E + 36 N bytes, e.g. 5.6 GB for N = 1.28M, K = 1000, E = 100
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -76,11 +77,18 @@ class StreamState:
     def addresses(self) -> tuple[int, ...]:
         return tuple(getattr(self, name).data_ptr() for name in FIELDS)
 
-    def reserve_history(self, rows: int) -> None:
-        """Make room for `rows` argmaxes per sample, doubling so that growth is amortized O(1)."""
+    def history_with_room(self, rows: int) -> torch.Tensor:
+        """An argmax history with room for `rows` argmaxes per sample: the current one if it has
+        it, else a grown copy (doubling, so that growth is amortized O(1)). The copy is not
+        installed: the Accumulator installs it only once an update into it has succeeded, so a
+        refused batch leaves the state as it was, capacity included."""
         if rows <= self.capacity:
-            return
+            return self.argmax_history
         new_capacity = max(rows, 2 * self.capacity, 8)
         grown = torch.zeros(new_capacity, self.num_samples, dtype=torch.int32, device=self.device)
         grown[: self.capacity] = self.argmax_history
-        self.argmax_history = grown
+        return grown
+
+    def with_history(self, history: torch.Tensor) -> StreamState:
+        """The same state (the same tensors, shared) over another argmax history."""
+        return dataclasses.replace(self, argmax_history=history)

@@ -2,32 +2,134 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from pathlib import Path
+import threading
 
 import torch
 
 from . import backends
-from ._inputs import as_tensor, check_labels, check_logits
+from ._inputs import as_int, as_tensor, check_labels, check_logits
+from ._io import atomic_write
 from ._state import FIELDS, StreamState
-from .scores import Scores
+from .scores import Scores, empty_columns
 
 _FORMAT = "ensel.Accumulator"
 _VERSION = 1
+_HEADER = ("format", "version", "num_samples", "num_classes", "labels")
 
 
-def _check_count(value, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{what}: expected at least {minimum}, got {value}")
-    return value
+def _check_num_classes(value, what: str = "num_classes") -> int:
+    k = as_int(value, what)
+    if k < 1:
+        raise ValueError(f"{what}: expected at least one class, got K = {k}")
+    return k
+
+
+class _SharedExclusiveLock:
+    """Many shared holders at once, or one exclusive holder (a readers-writer lock).
+
+    Updates of disjoint rows write disjoint parts of the state, so they run side by side under a
+    shared hold; a shared hold waits while another one holds rows it overlaps (two kernels on one
+    sample would both append at its member count, one past the history's room); what replaces a tensor of the state (growing the argmax history) or reads all of
+    it (finalize, save) holds it exclusively, so no kernel is writing into a buffer while it is
+    copied, freed or read. A waiting exclusive holder stops new shared holds, so a stream of
+    updates cannot starve a growth. Not reentrant."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._shared: list[tuple[int, int]] = []  # the row ranges [lo, hi) of the shared holders
+        self._exclusive = False
+        self._exclusive_waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self, lo: int, hi: int):
+        """Held for rows [lo, hi)."""
+        rows = (lo, hi)
+
+        def overlaps() -> bool:
+            return any(lo < b and a < hi for a, b in self._shared)
+
+        with self._cond:
+            while self._exclusive or self._exclusive_waiting or overlaps():
+                self._cond.wait()
+            self._shared.append(rows)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared.remove(rows)
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._exclusive_waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            except BaseException:  # interrupted while waiting: the shared holds it held off may go
+                self._exclusive_waiting -= 1
+                self._cond.notify_all()
+                raise
+            self._exclusive_waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 def _max_count(counts: torch.Tensor) -> int:
     # numpy on CPU: a torch reduction would wake torch's OpenMP workers, which keep spinning
     # while the kernel's own threads run (170 ms instead of 110 ms for 64 updates on 2 cores).
     return int(counts.numpy().max()) if counts.device.type == "cpu" else int(counts.max())
+
+
+def _check_header(path, payload) -> tuple[int, int]:
+    """(N, K) of a loaded payload whose header holds up, else the ValueError naming the file.
+    Nothing is allocated from the header's numbers before this and the field checks pass: a
+    tampered count must not make load allocate what the file does not hold."""
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not an ensel accumulator state (no '{_FORMAT}' header)")
+    if payload.get("version") != _VERSION:
+        raise ValueError(f"{path}: state format version {payload.get('version')!r}, this ensel reads {_VERSION}")
+    missing = [key for key in _HEADER if key not in payload]
+    if missing:
+        raise ValueError(f"{path}: corrupted state (header {', '.join(map(repr, missing))} missing)")
+    try:
+        n = as_int(payload["num_samples"], "num_samples", 0)
+        k = _check_num_classes(payload["num_classes"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: corrupted state header ({e})") from None
+    labels = payload["labels"]
+    if labels is not None and not isinstance(labels, torch.Tensor):
+        raise ValueError(f"{path}: corrupted state header (labels is a {type(labels).__name__}, not a tensor or None)")
+    return n, k
+
+
+def _check_fields(path, payload: dict, n: int, k: int) -> None:
+    """Every FIELDS tensor present, dense, with the dtype and shape the header implies."""
+    expected = {name: ((n,), torch.int32) for name in FIELDS}
+    expected.update(
+        pbar_sum=((n, k), torch.float32),
+        entropy_sum=((n,), torch.float32),
+        nll_max=((n,), torch.float32),
+        nll_sum=((n,), torch.float32),
+    )
+    for name in FIELDS:
+        t = payload.get(name)
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            raise ValueError(f"{path}: state field {name!r} is missing or not a dense tensor")
+        shape, dtype = expected[name]
+        if name == "argmax_history":  # [rows, N]: any number of rows
+            ok, want = t.dim() == 2 and t.shape[1] == n, f"{dtype} [rows, {n}]"
+        else:
+            ok, want = tuple(t.shape) == shape, f"{dtype} {list(shape)}"
+        if not ok or t.dtype != dtype:
+            raise ValueError(f"{path}: state field {name!r} is {t.dtype} {list(t.shape)}, expected {want}")
 
 
 def _check_state_values(path, payload: dict, num_classes: int) -> None:
@@ -64,7 +166,8 @@ class Accumulator:
 
     Each `update(logits, start)` adds one member's logits for samples [start, start + len(logits)).
     `finalize()` needs every sample to have seen the same number of members. The state is
-    4 N K + 4 N E + 36 N bytes; `save` and `load` carry it across processes.
+    4 N K + 4 N E + 36 N bytes; `save` and `load` carry it across processes. Threads may call
+    `update` concurrently on disjoint rows (docs/contract.md section 9).
     """
 
     def __init__(
@@ -76,14 +179,19 @@ class Accumulator:
         backend: str = "auto",
         num_members: int | None = None,
     ):
-        n = _check_count(num_samples, "num_samples", 0)
-        k = _check_count(num_classes, "num_classes", 1)
-        capacity = 8 if num_members is None else _check_count(num_members, "num_members", 1)
+        n = as_int(num_samples, "num_samples", 0)
+        k = _check_num_classes(num_classes)
+        capacity = 8 if num_members is None else as_int(num_members, "num_members", 1)
         device = torch.device(device)
-        self._backend = backends.resolve(backend, device)
+        backend = backends.resolve(backend, device)
         if labels is not None:
             labels = check_labels(labels, n, k, device)
-        self._state = StreamState.empty(n, k, labels, device, capacity)
+        self._setup(StreamState.empty(n, k, labels, device, capacity), backend)
+
+    def _setup(self, state: StreamState, backend) -> None:
+        self._state = state
+        self._backend = backend
+        self._lock = _SharedExclusiveLock()
 
     @property
     def num_samples(self) -> int:
@@ -116,90 +224,97 @@ class Accumulator:
             raise ValueError(f"logits: expected {s.num_classes} classes, got shape {tuple(x.shape)}")
         if x.device != s.device:
             raise ValueError(f"logits: on {x.device}, but this accumulator lives on {s.device}")
-        if isinstance(start, bool) or not isinstance(start, int):
-            raise TypeError(f"start: expected an int, got {type(start).__name__}")
+        start = as_int(start, "start")
         rows = x.shape[0]
-        if not (0 <= start < s.num_samples and start + rows <= s.num_samples):
+        if not (0 <= start <= s.num_samples and start + rows <= s.num_samples):
             raise ValueError(
                 f"start={start}: rows [{start}, {start + rows}) are outside [0, {s.num_samples})"
             )
         if rows == 0:
             return
-        s.reserve_history(_max_count(s.members[start : start + rows]) + 1)
-        self._backend.update(s, x, start)
+        with self._lock.shared(start, start + rows):
+            s = self._state
+            if _max_count(s.members[start : start + rows]) < s.capacity:
+                self._backend.update(s, x, start)
+                return
+        # The history must grow: exclusively, so that no other thread's kernel is writing into
+        # the history being copied (and then freed). Room is asked for again: another thread may
+        # have grown the history meanwhile, and then it is used as it is.
+        with self._lock.exclusive():
+            s = self._state
+            history = s.history_with_room(_max_count(s.members[start : start + rows]) + 1)
+            # Into the grown copy first; installed only if the backend accepted the batch.
+            self._backend.update(s.with_history(history), x, start)
+            s.argmax_history = history
 
     def finalize(self) -> Scores:
-        """The scores of every sample. Raises if samples have seen different numbers of members."""
-        s = self._state
-        if s.num_samples == 0:
-            raise ValueError("finalize: the accumulator has no samples")
-        lo, hi = int(s.members.min()), int(s.members.max())
-        if lo != hi:
-            few = int((s.members == lo).nonzero()[0, 0])
-            many = int((s.members == hi).nonzero()[0, 0])
-            raise ValueError(
-                f"finalize: samples saw different numbers of members: sample {few} saw {lo}, "
-                f"sample {many} saw {hi}; every sample must see every member"
-            )
-        if hi == 0:
-            raise ValueError("finalize: no member has been added (call update first)")
-        floats, ints = self._backend.finalize(s, hi)
-        return Scores.from_columns(floats.to(s.device), ints.to(s.device), hi, s.labels is not None)
+        """The scores of every sample. Raises if samples have seen different numbers of members.
+        With no samples (N = 0) the scores are empty and num_members is 0."""
+        with self._lock.exclusive():  # waits for running updates; none starts meanwhile
+            s = self._state
+            has_labels = s.labels is not None
+            if s.num_samples == 0:
+                # No sample tells how many members were streamed (updates of [0, K] rows are no-ops).
+                return Scores.from_columns(*empty_columns(s.device), 0, has_labels)
+            lo, hi = int(s.members.min()), int(s.members.max())
+            if lo != hi:
+                few = int((s.members == lo).nonzero()[0, 0])
+                many = int((s.members == hi).nonzero()[0, 0])
+                raise ValueError(
+                    f"finalize: samples saw different numbers of members: sample {few} saw {lo}, "
+                    f"sample {many} saw {hi}; every sample must see every member"
+                )
+            if hi == 0:
+                raise ValueError("finalize: no member has been added (call update first)")
+            floats, ints = self._backend.finalize(s, hi)
+            return Scores.from_columns(floats.to(s.device), ints.to(s.device), hi, has_labels)
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the state to `path` (a torch zip of tensors, loadable with weights_only=True).
-        The file is replaced atomically, so a crash while saving keeps the previous one."""
-        s = self._state
-        used = int(s.members.max()) if s.num_samples else 0
-        payload = {name: t.cpu() for name, t in s.tensors().items()}
-        payload["argmax_history"] = payload["argmax_history"][:used].clone()
-        payload.update(
-            format=_FORMAT,
-            version=_VERSION,
-            num_samples=s.num_samples,
-            num_classes=s.num_classes,
-            labels=None if s.labels is None else s.labels.cpu(),
-        )
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        The file is replaced atomically: a crash or a failed save keeps the previous one and
+        leaves no temporary file."""
+        # Exclusive for the whole write: on the CPU the payload is the live tensors, not a copy
+        # (a copy would double the state's memory), so no update may run until they are written.
+        with self._lock.exclusive():
+            s = self._state
+            used = _max_count(s.members) if s.num_samples else 0
+            payload = {name: t.cpu() for name, t in s.tensors().items()}
+            payload["argmax_history"] = payload["argmax_history"][:used].clone()
+            payload.update(
+                format=_FORMAT,
+                version=_VERSION,
+                num_samples=s.num_samples,
+                num_classes=s.num_classes,
+                labels=None if s.labels is None else s.labels.cpu(),
+            )
+            with atomic_write(path) as tmp:
+                torch.save(payload, tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "auto") -> Accumulator:
-        """An accumulator in the state `save` wrote. Refuses truncated or foreign files."""
+        """An accumulator in the state `save` wrote. Refuses truncated, foreign or corrupted files
+        (ValueError naming the file) before allocating anything from what they claim."""
+        device = torch.device(device)
+        resolved = backends.resolve(backend, device)
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise
         except Exception as e:
             raise ValueError(f"{path}: not a readable ensel accumulator state ({type(e).__name__}: {e})") from e
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise ValueError(f"{path}: not an ensel accumulator state (no '{_FORMAT}' header)")
-        if payload.get("version") != _VERSION:
-            raise ValueError(f"{path}: state format version {payload.get('version')}, this ensel reads {_VERSION}")
-        n, k = payload["num_samples"], payload["num_classes"]
-        acc = cls(n, k, labels=payload["labels"], device=device, backend=backend)
-        expected = {
-            "pbar_sum": ((n, k), torch.float32),
-            "entropy_sum": ((n,), torch.float32),
-            "members": ((n,), torch.int32),
-            "correct": ((n,), torch.int32),
-            "last_correct": ((n,), torch.int32),
-            "forgetting": ((n,), torch.int32),
-            "nll_max": ((n,), torch.float32),
-            "nll_sum": ((n,), torch.float32),
-        }
-        for name in FIELDS:
-            t = payload.get(name)
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{path}: state field {name!r} is missing")
-            shape, dtype = expected.get(name, ((t.shape[0], n), torch.int32))
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(f"{path}: state field {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+        n, k = _check_header(path, payload)
+        _check_fields(path, payload, n, k)
+        labels = payload["labels"]
+        if labels is not None:
+            try:
+                labels = check_labels(labels, n, k, device)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}: corrupted state ({e})") from None
         _check_state_values(path, payload, k)
-        s = acc._state
-        for name in FIELDS:
-            setattr(s, name, payload[name].to(s.device).contiguous())
-        s.reserve_history(s.capacity + 1)
+        fields = {name: payload[name].to(device).contiguous() for name in FIELDS}
+        state = StreamState(num_samples=n, num_classes=k, labels=labels, **fields)
+        # Room for the next member: the file holds only the used rows of the history.
+        state.argmax_history = state.history_with_room(state.capacity + 1)
+        acc = cls.__new__(cls)
+        acc._setup(state, resolved)
         return acc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import numpy as np
@@ -47,6 +48,7 @@ def score(logits, labels=None, *, backend: str = "auto") -> Scores:
 
 def _score_stream(stream: Iterable, labels, backend: str) -> Scores:
     acc = None
+    members = 0
     for i, item in enumerate(stream):
         x = as_tensor(item, f"stream item {i}")
         if x.dim() == 2:
@@ -61,6 +63,11 @@ def _score_stream(stream: Iterable, labels, backend: str) -> Scores:
             )
         for member in x:
             acc.update(member, start=0)
+        members += x.shape[0]
     if acc is None:
         raise ValueError("logits: the stream is empty (no members)")
-    return acc.finalize()
+    if members == 0:
+        raise ValueError("logits: the stream's items hold no members (E = 0)")
+    scores = acc.finalize()
+    # With N = 0 the accumulator cannot know E (its updates were no-ops); the stream does.
+    return dataclasses.replace(scores, num_members=members) if acc.num_samples == 0 else scores

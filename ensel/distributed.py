@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ._fields import DIRECTION
+from ._inputs import as_int
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,7 @@ def global_top_k(
     """
     ctx = ctx or Context()
     descending = _direction(by, direction) == "high"
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"global_top_k(k={k!r}): k must be an int")
+    k = as_int(k, "global_top_k(k)")
     if not 0.0 <= exclude_top < 1.0:
         raise ValueError(f"global_top_k(exclude_top={exclude_top!r}): expected a fraction in [0, 1)")
     if not isinstance(values, torch.Tensor) or not isinstance(global_indices, torch.Tensor):

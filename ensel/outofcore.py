@@ -27,17 +27,19 @@ thread scores chunk j; the file reads and the CPU kernel both release the GIL.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import queue
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ._fields import FLOAT_FIELDS, INT_FIELDS
+from ._inputs import as_int
 from .api import score
 from .scores import Scores
 
@@ -94,41 +96,100 @@ def _torch_dtype(dtype, where: str) -> torch.dtype:
     return _FILE_DTYPES[name]
 
 
+def as_paths(paths, what: str = "paths") -> list[str]:
+    """One path (str, bytes or os.PathLike: one member) or a sequence of paths, as strings. A
+    string is one path, never iterated as a sequence of one-letter paths."""
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        paths = [paths]
+    elif not isinstance(paths, Iterable):
+        raise TypeError(f"{what}: expected a path or a sequence of paths, got {type(paths).__name__}")
+    out = []
+    for i, p in enumerate(paths):
+        try:
+            out.append(os.fsdecode(p))
+        except TypeError:
+            raise TypeError(f"{what}[{i}]: expected a path (str or os.PathLike), got {type(p).__name__}") from None
+    return out
+
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def npy_layout(path: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, data offset) of a .npy file of real numbers, from its header
+    alone: nothing is unpickled, mapped or read beyond the header. Anything else is a ValueError
+    that says what is wrong with the file (never numpy's advice to load it unsafely)."""
+    try:
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+            except ValueError:
+                raise ValueError(f"{path}: not a .npy file (it does not start with the .npy magic string)") from None
+            read = _NPY_HEADER_READERS.get(version)
+            if read is None:  # 3.0 exists only for structured dtypes with unicode field names
+                raise ValueError(f"{path}: .npy format version {version[0]}.{version[1]}; logits files are 1.0 or 2.0")
+            try:
+                shape, fortran_order, dtype = read(f)
+            except (ValueError, TypeError, SyntaxError) as e:
+                raise ValueError(f"{path}: not a .npy file (unreadable header: {e})") from None
+            offset, size = f.tell(), os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise ValueError(f"{path}: not readable ({e})") from e
+    if dtype.hasobject:
+        raise ValueError(f"{path}: not a .npy file of numbers (it holds Python objects)")
+    if dtype.kind not in "biuf":
+        raise ValueError(f"{path}: not a .npy file of real numbers (it holds {dtype})")
+    need = offset + math.prod(shape) * dtype.itemsize
+    if size < need:
+        raise ValueError(f"{path}: truncated .npy file: {size} bytes, its header describes {need}")
+    return tuple(shape), bool(fortran_order), dtype, offset
+
+
+def _raw_shape(shape) -> tuple[int, int]:
+    try:
+        entries = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape={shape!r}: expected (N, K)") from None
+    if len(entries) != 2:
+        raise ValueError(f"shape={entries}: expected (N, K)")
+    n = as_int(entries[0], "shape[0] (N)", 0)
+    k = as_int(entries[1], "shape[1] (K)")
+    if k < 1:
+        raise ValueError(f"shape={entries}: expected at least one class, got K = {k}")
+    return n, k
+
+
 def describe_files(paths, shape=None, dtype=None, offset: int = 0) -> list[LogitFile]:
     """Check per-member logit files and say where their data lies.
 
-    Without `shape`, each path is a `.npy` file (C order, native byte order). With `shape=(N, K)`
-    and `dtype`, each is a raw row-major file of exactly `offset + N * K * itemsize` bytes.
-    All files must agree in shape and dtype.
+    `paths`: one path or a sequence of them. Without `shape`, each path is a `.npy` file (C order,
+    native byte order). With `shape=(N, K)` and `dtype`, each is a raw row-major file of exactly
+    `offset + N * K * itemsize` bytes. All files must agree in shape and dtype. N = 0 is valid.
     """
-    paths = [str(p) for p in paths]
+    paths = as_paths(paths)
     if not paths:
         raise ValueError("no logit files given")
     if (shape is None) != (dtype is None):
         raise ValueError("raw logit files need both shape=(N, K) and dtype=; .npy files need neither")
+    if shape is not None:
+        raw_n, raw_k = _raw_shape(shape)
+        offset = as_int(offset, "offset", 0)
     files = []
     for p in paths:
         if shape is None:
-            try:
-                m = np.load(p, mmap_mode="r")  # parses the header only; no page is touched
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{p}: not a readable .npy logits file ({e})") from e
-            if not isinstance(m, np.memmap):
-                raise ValueError(f"{p}: not a .npy array file")
-            if m.ndim != 2:
-                raise ValueError(f"{p}: expected [N, K] logits of one member, got shape {m.shape}")
-            if not m.flags.c_contiguous or m.shape[0] * m.shape[1] == 0:
-                if m.shape[0] * m.shape[1] == 0:
-                    raise ValueError(f"{p}: holds no logits (shape {m.shape})")
+            dims, fortran_order, np_dtype, data_offset = npy_layout(p)
+            if len(dims) != 2:
+                raise ValueError(f"{p}: expected [N, K] logits of one member, got shape {dims}")
+            n, k = dims
+            if k == 0:
+                raise ValueError(f"{p}: holds no classes (shape {dims}: K = 0)")
+            if fortran_order and n > 1 and k > 1:
                 raise ValueError(f"{p}: Fortran-ordered .npy; expected row-major [N, K] logits")
-            if not m.dtype.isnative:
-                raise ValueError(f"{p}: non-native byte order {m.dtype.str}; expected native float16/float32/float64")
-            f = LogitFile(p, int(m.offset), int(m.shape[0]), int(m.shape[1]), _torch_dtype(m.dtype, p))
-            del m
+            if not np_dtype.isnative:
+                raise ValueError(f"{p}: non-native byte order {np_dtype.str}; expected native float16/float32/float64")
+            f = LogitFile(p, data_offset, n, k, _torch_dtype(np_dtype, p))
         else:
-            if len(shape) != 2 or min(int(v) for v in shape) < 1:
-                raise ValueError(f"shape={tuple(shape)}: expected (N, K) with N, K >= 1")
-            f = LogitFile(p, int(offset), int(shape[0]), int(shape[1]), _torch_dtype(dtype, p))
+            f = LogitFile(p, offset, raw_n, raw_k, _torch_dtype(dtype, p))
             try:
                 size = os.path.getsize(p)
             except OSError as e:
@@ -159,11 +220,10 @@ def bytes_per_chunk_sample(num_members: int, row_bytes: int) -> int:
 
 def plan_chunk(num_members: int, num_samples: int, row_bytes: int, max_memory: int) -> int:
     """The largest chunk of samples whose working memory, with the N-sample result, fits."""
-    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, np.integer)):
-        raise TypeError(f"max_memory={max_memory!r}: expected a number of bytes (int)")
+    max_memory = as_int(max_memory, "max_memory", 0)
     result = num_samples * OUTPUT_BYTES
     per_sample = bytes_per_chunk_sample(num_members, row_bytes)
-    chunk = (int(max_memory) - result) // per_sample
+    chunk = (max_memory - result) // per_sample
     if chunk < 1:
         raise ValueError(
             f"max_memory={max_memory} bytes is too small: the scores of {num_samples} samples take "
@@ -197,6 +257,8 @@ def score_files(
 ) -> Scores:
     """Fused scores of per-member logit files (in the given member order), out of core.
 
+    `paths`: one path (str or os.PathLike: one member) or a sequence of paths. Files of 0 rows
+    give empty scores.
     Chunks of samples are read from all E files and scored by `ensel.score` on the [E, chunk, K]
     block (any backend, any device), with the next chunk read (and on CUDA copied to the device)
     by a prefetch thread meanwhile. `max_memory` (bytes, default 1 GiB) bounds what this call
@@ -213,13 +275,15 @@ def score_files(
     budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
     chunk = plan_chunk(E, N, files[0].row_bytes, budget)
     if chunk_samples is not None:
-        if isinstance(chunk_samples, bool) or not isinstance(chunk_samples, int) or chunk_samples < 1:
-            raise ValueError(f"chunk_samples={chunk_samples!r}: expected a positive int")
-        chunk = min(chunk, chunk_samples)
+        chunk = min(chunk, as_int(chunk_samples, "chunk_samples", 1))
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     if on_cuda and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if N == 0:
+        # Nothing to read: the empty block goes through ensel.score like any chunk would (the
+        # labels' checks included) and gives the empty scores of E members.
+        return score(torch.empty(E, 0, K, dtype=files[0].dtype, device=device), labels, backend=backend)
     floats = torch.empty(len(FLOAT_FIELDS), N, dtype=torch.float32, device=device)
     ints = torch.empty(len(INT_FIELDS), N, dtype=torch.int64, device=device)
     for start, count, block in _Pipeline(files, chunk, device).chunks():

@@ -7,6 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from ._fields import ALL_FIELDS, DIRECTION, FLOAT_FIELDS, INT_FIELDS, LABEL_FIELDS
+from ._inputs import as_int
+
+
+def empty_columns(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed columns of no samples (float32 [8, 0], int64 [3, 0]): what every kernel returns
+    for N = 0, for the paths that have no kernel to call then."""
+    floats = torch.empty(len(FLOAT_FIELDS), 0, dtype=torch.float32, device=device)
+    ints = torch.empty(len(INT_FIELDS), 0, dtype=torch.int64, device=device)
+    return floats, ints
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +64,7 @@ class Scores:
         The most uncertain come first: the highest values, or the lowest for `margin`. Equal scores
         are taken in increasing sample index, so the selection is deterministic. `exclude_top`
         skips that fraction of the most uncertain samples first, as outliers (paper, Table 5):
-        floor(exclude_top * N) of them.
+        floor(exclude_top * N) of them. NaN values are refused (ValueError).
         """
         if by not in DIRECTION:
             known = ", ".join(sorted(DIRECTION))
@@ -63,14 +72,19 @@ class Scores:
         values = getattr(self, by)
         if values is None:
             raise ValueError(f"top(by={by!r}): this score needs labels; pass labels= when scoring")
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"top(k={k!r}): k must be an int")
+        k = as_int(k, "top(k)")
         if not 0.0 <= exclude_top < 1.0:
             raise ValueError(f"top(exclude_top={exclude_top!r}): expected a fraction in [0, 1)")
         n = self.num_samples
         skip = int(exclude_top * n)
         if not 0 <= k <= n - skip:
             raise ValueError(f"top(k={k}): there are {n} samples, {skip} of them excluded as outliers")
+        if values.is_floating_point():
+            nan = torch.isnan(values)
+            if bool(nan.any()):
+                # A sort puts NaN first in descending order: it would be "the most uncertain".
+                first = int(nan.nonzero()[0, 0])
+                raise ValueError(f"top(by={by!r}): the scores hold NaN (first at sample {first}); NaN has no rank")
         # A stable sort keeps equal scores in index order.
         order = torch.sort(values, descending=DIRECTION[by] == "high", stable=True).indices
         return order[skip : skip + k]

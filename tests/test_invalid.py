@@ -355,8 +355,8 @@ def test_update_rows_outside_the_dataset(backend, start, rows):
 @backends
 @pytest.mark.parametrize("start", [-1, 11, 100])
 def test_update_empty_batch_with_start_outside(backend, start):
-    """start must lie in [0, N) (an empty batch at start = N, the end, is harmless); a start
-    outside is a caller's bug, whatever the batch size."""
+    """start must lie in [0, N] (an empty batch at start = N, the end, is a no-op:
+    tests/test_empty.py); a start outside is a caller's bug, whatever the batch size."""
     acc = ensel.Accumulator(10, 3, backend=backend)
     with pytest.raises(ValueError, match="start"):
         acc.update(torch.zeros(0, 3), start=start)
@@ -485,3 +485,70 @@ def test_top_k_not_an_int(scored, k):
     s, _ = scored
     with pytest.raises(TypeError):
         s.top(k, by="entropy")
+
+
+# ----------------------------------------------------------------------------- refused growth
+
+
+def _triton_on_cpu() -> bool:
+    triton = ensel.backends.get("triton")
+    return triton.available() and "cpu" in triton.device_types
+
+
+# Every backend that takes CPU tensors here; Triton (under its interpreter, slow) on a tiny case.
+STATE_BACKENDS = BACKENDS + (["triton"] if "triton" not in BACKENDS and _triton_on_cpu() else [])
+
+
+def _state_snapshot(acc):
+    return {name: t.clone() for name, t in acc._state.tensors().items()}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN rows
+@pytest.mark.parametrize("backend", STATE_BACKENDS)
+@pytest.mark.parametrize("num_members", [2, None], ids=["capacity-2", "default-capacity"])
+@pytest.mark.parametrize("rows", [(0, 4), (1, 3)], ids=["all-rows", "some-rows"])
+def test_a_refused_batch_at_capacity_leaves_the_state_identical(backend, num_members, rows):
+    """At the history's capacity, the refused batch is the one that would grow it: before, the
+    history was replaced by a larger one (values unchanged) before the batch was checked."""
+    N, K = 4, 3
+    E = 2 if num_members else 8  # the default capacity is 8 rows
+    logits = make_logits(E + 1, N, K, kind="ties", seed=15)
+    labels = make_labels(N, K, seed=15)
+    acc = ensel.Accumulator(N, K, labels=labels, backend=backend, num_members=num_members)
+    clean = ensel.Accumulator(N, K, labels=labels, backend=backend, num_members=num_members)
+    for e in range(E):
+        acc.update(logits[e], start=0)
+        clean.update(logits[e], start=0)
+    before = _state_snapshot(acc)
+    assert before["argmax_history"].shape == (E, N)  # full: the next member needs growth
+    a, b = rows
+    bad = logits[E, a:b].clone()
+    bad[-1, 1] = NAN
+    with pytest.raises(ValueError, match="NaN"):
+        acc.update(bad, start=a)
+    after = _state_snapshot(acc)
+    for name, t in before.items():
+        assert after[name].shape == t.shape and torch.equal(after[name], t), name
+    acc.update(logits[E], start=0)
+    clean.update(logits[E], start=0)
+    assert_scores_equal(acc.finalize(), clean.finalize())
+
+
+# ----------------------------------------------------------------------------- labels as given
+
+
+@backends
+@pytest.mark.parametrize("how", ["fused", "iterable", "accumulator"])
+@pytest.mark.parametrize("container", ["numpy", "torch"])
+def test_a_uint64_label_is_reported_as_given(backend, how, container):
+    """2**64 - 1 wraps to -1 in int64; the message gives the caller's value."""
+    N, K = 7, 5
+    labels = np.zeros(N, np.uint64)
+    labels[3] = 2**64 - 1
+    labels[5] = 2**63 + 4
+    if container == "torch":
+        labels = torch.from_numpy(labels)
+    with pytest.raises(ValueError) as info:
+        take_labels(how, make_logits(2, N, K, seed=7), labels, backend)
+    msg = str(info.value)
+    assert f"label {2**64 - 1} of sample 3" in msg and "-1" not in msg, msg

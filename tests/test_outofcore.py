@@ -78,7 +78,7 @@ def test_files_that_disagree_and_budgets_too_small_are_refused(tmp_path):
         with pytest.raises(ValueError, match=match):
             score_files([a, tmp_path / name])
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="junk.npy: not a .npy file"):
         score_files([a, tmp_path / "junk.npy"])
     with pytest.raises(ValueError, match="no logit files"):
         score_files([])
@@ -195,3 +195,93 @@ def test_the_probe_sees_memory_mapped_pages(big_pool):
     root, paths, warm = big_pool
     m = run_probe("mmap", root, paths, warm)
     assert m["extra"] > 4 * BUDGET, m
+
+
+# ----------------------------------------------------------------------------- paths and messages
+
+
+@pytest.mark.parametrize("form", ["str", "Path", "list of str", "tuple of Path", "generator"])
+def test_one_path_or_a_sequence_of_paths(tmp_path, form):
+    """A single str was iterated as one-letter paths, a single Path was a TypeError."""
+    logits = torch.randn(2, 30, 4, generator=torch.Generator().manual_seed(3))
+    paths = write_members(tmp_path, logits)
+    given = {
+        "str": str(paths[0]),
+        "Path": paths[0],
+        "list of str": [str(paths[0])],
+        "tuple of Path": (paths[0],),
+        "generator": (p for p in paths[:1]),
+    }[form]
+    assert_same_scores(score_files(given), ensel.score(logits[:1]))
+    assert_same_scores(score_files(p for p in paths), ensel.score(logits))
+
+
+def test_a_path_that_is_not_a_path_is_a_type_error(tmp_path):
+    paths = write_members(tmp_path, torch.zeros(1, 3, 2))
+    with pytest.raises(TypeError, match=r"paths\[1\]"):
+        score_files([paths[0], 7])
+    with pytest.raises(TypeError, match="paths"):
+        score_files(7)
+
+
+def _not_logits(tmp_path):
+    """name -> (file content writer, what the message must say)."""
+    import pickle
+
+    def npy_of(array, **kw):
+        return lambda p: np.save(p, array, **kw)
+
+    def bytes_of(data):
+        return lambda p: p.write_bytes(data)
+
+    def npz(p):
+        with open(p, "wb") as f:
+            np.savez(f, a=np.zeros((3, 2)))
+
+    def truncated(p):
+        np.save(p, np.zeros((10, 4), np.float32))
+        p.write_bytes(p.read_bytes()[:-8])
+
+    return {
+        "junk": (bytes_of(b"not numpy"), "not a .npy file"),
+        "empty": (bytes_of(b""), "not a .npy file"),
+        "pickle": (bytes_of(pickle.dumps({"a": 1})), "not a .npy file"),
+        "npz": (npz, "not a .npy file"),
+        "objects": (npy_of(np.array([{"a": 1}, 2], dtype=object), allow_pickle=True), "holds Python objects"),
+        "strings": (npy_of(np.array([["a", "b"]])), "not a .npy file of real numbers"),
+        "truncated": (truncated, "truncated"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_not_logits(None)))
+@pytest.mark.parametrize("reader", ["score_files", "open_logit_files"])
+def test_a_file_that_is_not_logits_says_what_is_wrong(tmp_path, case, reader):
+    """numpy's own message for several of these advises loading the file "unsafely using the
+    allow_pickle= keyword argument": never suggest that; say what is wrong with the file."""
+    write, says = _not_logits(tmp_path)[case]
+    path = tmp_path / f"{case}.npy"
+    write(path)
+    if reader == "score_files":
+        read = score_files
+    else:
+        read = pytest.importorskip("ensel.al.consensus").open_logit_files
+    with pytest.raises(ValueError) as info:
+        read([path])
+    msg = str(info.value)
+    assert str(path) in msg and says in msg, msg
+    assert "allow_pickle" not in msg and "unsafe" not in msg, msg
+
+
+def test_open_logit_files_reads_one_path_or_several(tmp_path):
+    open_logit_files = pytest.importorskip("ensel.al.consensus").open_logit_files
+    paths = write_members(tmp_path, torch.randn(2, 5, 3))
+    assert [a.shape for a in open_logit_files(paths[0])] == [(5, 3)]
+    assert [a.shape for a in open_logit_files(p for p in paths)] == [(5, 3), (5, 3)]
+
+
+def test_a_uint64_label_is_reported_as_given(tmp_path):
+    paths = write_members(tmp_path, torch.zeros(2, 100, 3))
+    labels = np.zeros(100, np.uint64)
+    labels[70] = 2**64 - 1
+    with pytest.raises(ValueError, match=f"label {2**64 - 1} of sample 70"):
+        score_files(paths, labels=labels, chunk_samples=32)

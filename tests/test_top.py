@@ -113,3 +113,12 @@ def test_top_is_deterministic():
     assert first == list(range(30, 60)) + list(range(10))
     for _ in range(5):
         assert s.top(40, by="entropy").tolist() == first
+
+
+@pytest.mark.parametrize("by", ["entropy", "margin", "nll"])
+def test_nan_scores_are_refused_naming_the_first(by):
+    """A sort puts NaN first in descending order: top ranked it as the most uncertain sample."""
+    s = scores_with(**{by: [0.3, 0.9, float("nan"), 0.7, float("nan")]})
+    with pytest.raises(ValueError, match=r"NaN.*sample 2\b"):
+        s.top(1, by=by)
+    assert scores_with(**{by: [0.3, float("inf"), 0.1]}).top(1, by=by).tolist() == ([1] if by != "margin" else [2])

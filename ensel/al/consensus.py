@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..outofcore import as_paths, npy_layout
 from .models import build_model
 from .training import load_run, load_weights, predict_batches, resolve_device
 
@@ -77,18 +78,18 @@ def run_argmaxes(data, run_dir: Path, arch: str, last: int = 20, split: str = "t
 
 
 def open_logit_files(paths) -> list[np.ndarray]:
-    """Read-only memory maps of per-member [N, K] logit files, checked to agree in shape."""
+    """Read-only memory maps of per-member [N, K] logit files (one path or a sequence of them),
+    checked to agree in shape. Each header is checked first (ensel.outofcore.npy_layout), so a
+    file that is not a .npy of numbers is refused for what it is, and nothing is unpickled."""
+    paths = as_paths(paths)
     arrays = []
     for p in paths:
-        try:
-            a = np.load(p, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{p}: not a readable .npy logits file ({e})") from e
-        if a.ndim != 2:
-            raise ValueError(f"{p}: expected [N, K] logits of one member, got shape {a.shape}")
-        if arrays and a.shape != arrays[0].shape:
-            raise ValueError(f"{p}: shape {a.shape} differs from {paths[0]}'s {arrays[0].shape}")
-        arrays.append(a)
+        shape, _, _, _ = npy_layout(p)
+        if len(shape) != 2:
+            raise ValueError(f"{p}: expected [N, K] logits of one member, got shape {shape}")
+        if arrays and shape != arrays[0].shape:
+            raise ValueError(f"{p}: shape {shape} differs from {paths[0]}'s {arrays[0].shape}")
+        arrays.append(np.load(p, mmap_mode="r"))  # a .npy of numbers: nothing to unpickle
     if not arrays:
         raise ValueError("no logit files given")
     return arrays
