@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ._fields import FLOAT_FIELDS, INT_FIELDS
-from ._inputs import as_int
+from ._inputs import as_int, check_labels
 from .api import score
 from .scores import Scores
 
@@ -268,10 +268,6 @@ def score_files(
     files = describe_files(paths, shape, dtype, offset)
     E = len(files)
     N, K = files[0].num_samples, files[0].num_classes
-    if labels is not None:
-        labels = torch.as_tensor(np.asarray(labels))
-        if labels.shape != (N,):
-            raise ValueError(f"labels: expected shape [{N}], got {tuple(labels.shape)}")
     budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
     chunk = plan_chunk(E, N, files[0].row_bytes, budget)
     if chunk_samples is not None:
@@ -280,6 +276,8 @@ def score_files(
     on_cuda = device.type == "cuda"
     if on_cuda and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if labels is not None:  # all of them before any chunk is read: a bad last label fails at once
+        labels = check_labels(labels, N, K, device)
     if N == 0:
         # Nothing to read: the empty block goes through ensel.score like any chunk would (the
         # labels' checks included) and gives the empty scores of E members.

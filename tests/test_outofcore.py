@@ -12,7 +12,7 @@ import torch
 
 import ensel
 from ensel import score_files
-from ensel.outofcore import OUTPUT_BYTES, bytes_per_chunk_sample, plan_chunk, score_files
+from ensel.outofcore import OUTPUT_BYTES, bytes_per_chunk_sample, plan_chunk
 
 
 def write_members(tmp_path, logits: torch.Tensor, raw: bool = False) -> list:
@@ -285,3 +285,20 @@ def test_a_uint64_label_is_reported_as_given(tmp_path):
     labels[70] = 2**64 - 1
     with pytest.raises(ValueError, match=f"label {2**64 - 1} of sample 70"):
         score_files(paths, labels=labels, chunk_samples=32)
+
+
+def test_labels_are_checked_before_any_chunk_is_scored(tmp_path, monkeypatch):
+    """A bad label in the last chunk is refused before the first chunk is read or scored."""
+    from ensel import outofcore
+
+    paths = write_members(tmp_path, torch.zeros(3, 200, 5))
+    labels = np.zeros(200, dtype=np.int64)
+    labels[-1] = 5
+    scored = []
+    real = outofcore.score
+    monkeypatch.setattr(outofcore, "score", lambda *a, **k: scored.append(1) or real(*a, **k))
+    with pytest.raises(ValueError, match=r"label 5 of sample 199 is outside \[0, 5\)"):
+        score_files(paths, labels=labels, chunk_samples=64)
+    assert scored == []
+    with pytest.raises(TypeError, match="labels: expected an integer dtype"):
+        score_files(paths, labels=np.zeros(200), chunk_samples=64)
