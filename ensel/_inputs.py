@@ -105,3 +105,25 @@ def row_status(rows: torch.Tensor) -> torch.Tensor:
     status[first_pos_inf < first_nan] = 2
     status[(status == 0) & torch.isneginf(x).all(1)] = 3
     return status
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device `device` names ("auto": CUDA when available). A ValueError for a name torch
+    does not know or a CUDA device this machine lacks: callers resolve it before they write
+    anything, so that a typo fails at once instead of after the first stage's files."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r}: not a torch device ({e})") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index is not None and resolved.index >= count):
+            raise ValueError(f"device={device!r}: this machine has {count} CUDA device(s)")
+    elif resolved.type != "cpu":  # mps, xpu, ...: torch refuses an absent one only at first use
+        try:
+            torch.empty(0, device=resolved)
+        except RuntimeError as e:
+            raise ValueError(f"device={device!r}: not available here ({e})") from None
+    return resolved

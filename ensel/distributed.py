@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from ._fields import DIRECTION
 from ._inputs import as_int
+from .scores import outliers_skipped
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ def global_top_k(
         bad = [r for r, c in enumerate(counts.tolist()) if c < 0]
         raise ValueError(f"global_top_k: values hold NaN (no order can rank them) on rank(s) {bad}")
     n = int(counts.sum())
-    skip = int(exclude_top * n)
+    skip = outliers_skipped(exclude_top, n)
     if not 0 <= k <= n - skip:
         raise ValueError(f"global_top_k(k={k}): there are {n} samples, {skip} of them excluded as outliers")
     m = min(k + skip, int(counts.max()))

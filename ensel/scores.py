@@ -18,6 +18,13 @@ def empty_columns(device) -> tuple[torch.Tensor, torch.Tensor]:
     return floats, ints
 
 
+def outliers_skipped(exclude_top: float, num_samples: int) -> int:
+    """How many of the most uncertain of `num_samples` samples a selection with `exclude_top`
+    skips: floor(exclude_top * N). The rule of `Scores.top`, written once for it, for the
+    distributed global top-k, and for the callers that check a selection before scoring."""
+    return int(exclude_top * num_samples)
+
+
 @dataclass(frozen=True, eq=False)
 class Scores:
     """Per-sample scores ([N] tensors on the input's device); the label fields are None without
@@ -76,7 +83,7 @@ class Scores:
         if not 0.0 <= exclude_top < 1.0:
             raise ValueError(f"top(exclude_top={exclude_top!r}): expected a fraction in [0, 1)")
         n = self.num_samples
-        skip = int(exclude_top * n)
+        skip = outliers_skipped(exclude_top, n)
         if not 0 <= k <= n - skip:
             raise ValueError(f"top(k={k}): there are {n} samples, {skip} of them excluded as outliers")
         if values.is_floating_point():

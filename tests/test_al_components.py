@@ -2,6 +2,7 @@
 scoring of memory-mapped logit files, and the CIFAR / ImageFolder on-disk formats."""
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -444,3 +445,56 @@ def test_a_run_may_resume_on_another_device_but_not_with_another_recipe(tmp_path
     Experiment(ExperimentConfig(sizes=(0.2,), train=train, device="auto", workers=0), tmp_path, progress=False)
     with pytest.raises(ValueError, match="differs in train"):
         Experiment(ExperimentConfig(sizes=(0.2,), train=TrainConfig(arch="resnet10", epochs=2)), tmp_path, progress=False)
+
+
+# -- atomic writes: a failed write leaves the old file and no temporary one -----------------------
+
+
+def test_a_failed_torch_save_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    from ensel.al.training import atomic_torch_save
+
+    path = tmp_path / "scores.pt"
+    atomic_torch_save({"x": torch.arange(3)}, path)
+    with pytest.raises(Exception, match="pickle"):
+        atomic_torch_save({"x": torch.arange(5), "f": lambda: 0}, path)  # a lambda does not pickle
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))
+
+
+def test_a_member_interrupted_mid_pass_leaves_no_partial_logit_file(tmp_path, monkeypatch):
+    from ensel.al import inference
+    from ensel.al.data import load_digits
+
+    dirs = _fake_runs(tmp_path)
+    real = inference.predict_batches
+
+    def one_batch_then_crash(*args, **kwargs):
+        yield next(real(*args, **kwargs))
+        raise _Crash
+
+    monkeypatch.setattr(inference, "predict_batches", one_batch_then_crash)
+    logits = tmp_path / "logits"
+    with pytest.raises(_Crash):
+        inference.score_members(load_digits(), dirs, [(0, 1)], "resnet10", indices=torch.arange(40), device="cpu",
+                                batch_size=16, amp=False, logits_dir=logits)
+    assert [p.name for p in logits.iterdir()] == ["rows.npz"]
+
+
+def test_a_failed_plot_leaves_the_old_png_and_no_temporary_file(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from ensel.al.report import plot_consensus
+
+    curves = {"run 0": {"n": [2, 3], "all": [5, 4], "pair": [5, 4]}}
+    path = tmp_path / "consensus.png"
+    plot_consensus(curves, path, 5)
+    before = path.read_bytes()
+
+    def half_written(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise _Crash
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(_Crash):
+        plot_consensus(curves, path, 5)
+    assert [p.name for p in tmp_path.iterdir()] == ["consensus.png"] and path.read_bytes() == before

@@ -21,7 +21,8 @@ import pytest
 
 from ensel.al.loop import Experiment, ExperimentConfig, transfer
 from ensel.al.rundir import LOCK_FILE, lock
-from ensel.al.training import TrainConfig, resolve_device
+from ensel._inputs import resolve_device
+from ensel.al.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,6 +84,22 @@ def test_a_second_run_on_a_locked_directory_is_refused_at_once_naming_the_holder
         holder.communicate("")  # stdin closed: the holder releases the lock and exits
     assert holder.returncode == 0 and not (out / LOCK_FILE).exists()  # a finished run leaves no lock file
     Experiment(tiny(), out, **quiet())  # free again
+
+
+def test_demo_fresh_never_deletes_a_directory_in_use(tmp_path, capsys):
+    """`ensel demo --fresh` on the folder of a demo that is running is refused, and deletes nothing."""
+    from ensel.cli import main
+
+    out = tmp_path / "demo"
+    Experiment(tiny(), out, **quiet())
+    (out / "trial0").mkdir()
+    holder = hold(out)
+    try:
+        assert main(["demo", "--fresh", "--no-progress", "--out", str(out)]) == 2
+        assert holder_message(holder) in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "config.json", "trial0"]
+    finally:
+        holder.communicate("")
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, subset_file):

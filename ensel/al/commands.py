@@ -4,17 +4,22 @@ their arguments and calls these. Each needs the `al` extra (`pip install 'ensel[
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .._inputs import resolve_device
+from .._io import atomic_write
+from ..cli import load_indices
 from ..distributed import init_from_env, shutdown
 from .consensus import argmax_of_logits, consensus_counts, open_logit_files, run_argmaxes
 from .data import load_dataset
 from .loop import Experiment, ExperimentConfig, parse_size, transfer
 from .report import plot_consensus
+from .rundir import LOCK_FILE, lock
 from .training import TrainConfig, load_run
 
 
@@ -55,9 +60,18 @@ def cmd_demo(a) -> int:
     cfg = demo_config()
     out = Path(a.out)
     if a.fresh and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+        # --fresh deletes a run directory, never a folder that merely has its name (`--out .`),
+        # and never one that a running demo is using: under its lock, which refuses then.
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            raise ValueError(f"--fresh: {out} holds no run (no config.json); not deleting it")
+        with lock(out):
+            for entry in out.iterdir():
+                if entry.name == LOCK_FILE:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
     t0, c0 = time.perf_counter(), time.process_time()
     print(f"ensel demo: {cfg.scheme} on scikit-learn's digits, methods {', '.join(cfg.methods)}; writing {out}/")
     try:
@@ -113,6 +127,10 @@ def cmd_run(a) -> int:
 
 
 def cmd_transfer(a) -> int:
+    # The file is read again by `transfer`, which checks it against the pool once the dataset is
+    # loaded; a file that is no subset at all is refused here, before the dataset is read.
+    if len(load_indices(a.subset, "--subset")) == 0:
+        raise ValueError(f"--subset {a.subset}: the subset is empty")
     cfg = ExperimentConfig(data=a.data, data_root=a.data_root, image_size=a.image_size, workers=a.workers, trials=a.trials, runs=a.runs,
                            seed=a.seed, device=a.device, train=_train_config(a))
     rows = transfer(a.subset, cfg, a.out, progress=not a.no_progress)
@@ -124,23 +142,31 @@ def cmd_transfer(a) -> int:
 
 
 def cmd_consensus(a) -> int:
+    # Arguments that would be ignored, or compare fewer than 2 checkpoints, are refused before
+    # a dataset is read or a checkpoint predicted.
+    if a.files and a.run_dir:
+        raise ValueError("give logit FILES or --run-dir, not both")
+    if a.files and (a.unselected or a.split != "train"):
+        raise ValueError("--unselected and --split choose the samples of a --run-dir; logit FILES hold theirs")
+    if len(a.files) == 1:
+        raise ValueError(f"give at least 2 logit files (consensus compares at least 2 checkpoints); got {a.files[0]}")
+    if not a.files and not a.run_dir:
+        raise ValueError("give logit FILES or --run-dir")
+    if a.unselected and a.split != "train":
+        raise ValueError("--unselected picks pool (train) samples; it cannot go with --split val")
+    if a.run_dir:
+        resolve_device(a.device)  # before the dataset is read
     curves = {}
     if a.files:
-
         arrays = open_logit_files(a.files)[-a.last :]
         curves["files"] = consensus_counts([argmax_of_logits(x) for x in arrays])
     else:
-        if not a.run_dir:
-            raise ValueError("consensus: give logit FILES or --run-dir")
-
         data = load_dataset(a.data, a.data_root, a.image_size, a.workers)
         for run_dir in a.run_dir:
             run_dir = Path(run_dir)
             arch = load_run(run_dir)["config"]["arch"]
             indices = None
             if a.unselected:
-                if a.split != "train":
-                    raise ValueError("consensus: --unselected picks pool (train) samples; it cannot go with --split val")
                 subset = np.load(run_dir.parent / "subset.npy")
                 indices = torch.from_numpy(np.setdiff1d(np.arange(data.num_train), subset))
             argmaxes = run_argmaxes(data, run_dir, arch, last=a.last, split=a.split, indices=indices, device=a.device)
@@ -154,8 +180,10 @@ def cmd_consensus(a) -> int:
         for n, al, p in zip(c["n"], c["all"], c["pair"]):
             print(f"  {n:>3}{al:>11}{p:>8}")
             lines.append(f"{label},{n},{al},{p}")
-    (out / "consensus.csv").write_text("\n".join(lines) + "\n")
+    with atomic_write(out / "consensus.csv") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     plot_consensus(curves, out / "consensus.png", next(iter(curves.values()))["num_samples"])
-    (out / "consensus.json").write_text(json.dumps(curves, indent=1))
-    print(f"wrote {out}/consensus.csv, consensus.png")
+    with atomic_write(out / "consensus.json") as tmp:
+        tmp.write_text(json.dumps(curves, indent=1))
+    print(f"wrote {out}/consensus.csv, consensus.json, consensus.png")
     return 0

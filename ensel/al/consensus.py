@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._inputs import resolve_device
 from ..outofcore import as_paths, npy_layout
 from .models import build_model
-from .training import load_run, load_weights, predict_batches, resolve_device
+from .training import load_run, load_weights, predict_batches
 
 
 def consensus_counts(argmaxes) -> dict:

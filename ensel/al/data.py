@@ -144,7 +144,8 @@ class FolderDataset(Dataset):
         root = Path(root)
         for split in ("train", "val"):
             if not (root / split).is_dir():
-                raise ValueError(f"imagefolder: {root / split} is not a directory (expected <root>/train and <root>/val)")
+                raise ValueError(f"imagefolder: {root / split} is not a directory (expected {root}/train/<class>/<image> and "
+                                 f"{root}/val/<class>/<image>, the same class folders in both; nothing is downloaded)")
         norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         resize = int(round(image_size * 256 / 224))
         self._train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
@@ -250,8 +251,16 @@ def load_cifar(root: str | Path, num_classes: int = 10) -> TensorDataset:
     try:
         train = cls(str(root), train=True, download=False)
         val = cls(str(root), train=False, download=False)
-    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
-        raise ValueError(f"cifar{num_classes}: no readable dataset under {root} ({e})") from e
+    except RuntimeError:  # torchvision's "Dataset not found or corrupted. You can use download=True ..."
+        # Say which files go where: ensel never downloads, so torchvision's hint does not apply.
+        folder = Path(root) / base.base_folder
+        names = [name for name, _ in base.train_list + base.test_list] + [base.meta["filename"]]
+        missing = [name for name in names if not (folder / name).is_file()]
+        raise ValueError(
+            f"cifar{num_classes}: no readable dataset under {root}: expected {folder}/ holding {', '.join(names)} "
+            f"(the python version, {base.filename} from https://www.cs.toronto.edu/~kriz/cifar.html, extracted "
+            f"into {root}; nothing is downloaded)" + (f"; missing: {', '.join(missing)}" if missing else "")
+        ) from None
 
     def nchw(data):
         return torch.from_numpy(np.ascontiguousarray(data)).permute(0, 3, 1, 2).contiguous()

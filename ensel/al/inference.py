@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._inputs import resolve_device
 from .._io import atomic_write
 from ..accumulator import Accumulator
 from ..outofcore import ROWS_FILE
-from .models import build_model
 from ..scores import Scores
-from .training import atomic_json, load_weights, predict_batches, resolve_device
+from .models import build_model
+from .training import atomic_json, load_weights, predict_batches
 
 
 def member_file_name(position: int, run: int, epoch: int) -> str:

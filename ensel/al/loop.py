@@ -46,14 +46,16 @@ from pathlib import Path
 import numpy as np
 
 from .._fields import DIRECTION
+from .._inputs import resolve_device
 from ..distributed import Context
+from ..scores import outliers_skipped
 from . import stages
 from .data import load_dataset
 from .ensembles import CONFIGS
 from .report import write_report, write_table_csv
 from .rundir import RunDir
 from .stages import Env, shard_dir
-from .training import TrainConfig, resolve_device
+from .training import TrainConfig
 
 __all__ = ["Experiment", "ExperimentConfig", "parse_size", "shard_dir", "size_count", "transfer"]
 
@@ -163,7 +165,7 @@ def _plan(cfg: ExperimentConfig, pool: int) -> tuple[int | None, list[int]]:
         steps = zip([initial, *counts[:-1]], counts) if initial is not None else ((0, c) for c in counts)
         for selected, count in steps:
             candidates = pool - selected
-            skip = int(cfg.exclude_top * candidates)
+            skip = outliers_skipped(cfg.exclude_top, candidates)
             if count - selected > candidates - skip:
                 raise ValueError(
                     f"exclude_top={cfg.exclude_top}: acquiring {count - selected} of {candidates} unselected samples "

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._inputs import resolve_device
 from .._io import atomic_write, atomic_write_bytes
 from .models import ARCHITECTURES, build_model
 
@@ -113,23 +114,6 @@ def load_weights(model: nn.Module, run_dir: Path, epoch: int) -> nn.Module:
     state = torch.load(checkpoint_path(run_dir, epoch), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])  # copy_ casts half-precision weights back to float32
     return model
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """The torch device `device` names ("auto": CUDA when available). A ValueError for a name torch
-    does not know or a CUDA device this machine lacks: callers resolve it before they write
-    anything, so that a typo fails at once instead of after the first stage's files."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r}: not a torch device ({e})") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (resolved.index is not None and resolved.index >= count):
-            raise ValueError(f"device={device!r}: this machine has {count} CUDA device(s)")
-    return resolved
 
 
 def autocast(device: torch.device, enabled: bool):
