@@ -82,14 +82,28 @@ def test_the_core_never_imports_the_active_learning_layer():
     lazy imports inside functions included. The command line (ensel/cli.py, __main__.py) is the
     application over both layers and is the one place allowed to import ensel.al."""
     application = {PACKAGE / "cli.py", PACKAGE / "__main__.py"}
-    core = [p for p in PACKAGE.rglob("*.py") if "al" not in p.relative_to(PACKAGE).parts[:-1] and p not in application]
+    layers = {"al", "integrations"}
+    core = [p for p in PACKAGE.rglob("*.py") if not layers & set(p.relative_to(PACKAGE).parts[:-1]) and p not in application]
     core += list((ROOT / "kernels").glob("*.py"))
     assert len(core) > 10, core  # the walk found the package
+
+    def layer(m: str) -> bool:
+        return any(m == f"ensel.{name}" or m.startswith(f"ensel.{name}.") for name in layers)
+
     offenders = {
         str(p.relative_to(ROOT)): bad
         for p in core
-        if (bad := [m for m in _imports(p) if m == "ensel.al" or m.startswith("ensel.al.") or m.split(".")[0] in HEAVY[1:-1]])
+        if (bad := [m for m in _imports(p) if layer(m) or m.split(".")[0] in HEAVY[1:-1]])
     }
+    assert offenders == {}
+
+
+def test_the_integrations_use_the_core_only():
+    """ensel.integrations plugs the core into other libraries: never the active-learning layer."""
+    modules = list((PACKAGE / "integrations").glob("*.py"))
+    assert modules
+    offenders = {str(p.relative_to(ROOT)): bad for p in modules
+                 if (bad := [m for m in _imports(p) if m == "ensel.al" or m.startswith("ensel.al.")])}
     assert offenders == {}
 
 
