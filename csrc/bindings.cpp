@@ -27,8 +27,9 @@ std::tuple<int, int64_t, int64_t> as_tuple(const Failure& f) {
   return {static_cast<int>(f.status), f.member, f.sample};
 }
 
-ensel::ScoreOutputs outputs(uintptr_t floats, uintptr_t ints, int64_t n) {
-  return ensel::ScoreOutputs{ptr<float>(floats), ptr<int64_t>(ints), n};
+// `vote_log`: the int64 [E + 1] table of ensel/_votes.py, on the outputs' device.
+ensel::ScoreOutputs outputs(uintptr_t floats, uintptr_t ints, int64_t n, uintptr_t vote_log) {
+  return ensel::ScoreOutputs{ptr<float>(floats), ptr<int64_t>(ints), n, ptr<const int64_t>(vote_log)};
 }
 
 // The state tensors arrive as a tuple of addresses in the order of ensel/_state.py FIELDS.
@@ -122,12 +123,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "fused_cuda",
       [](uintptr_t logits, int dtype, int64_t E, int64_t N, int64_t K, int64_t member_stride, int64_t sample_stride,
-         uintptr_t labels, uintptr_t out_floats, uintptr_t out_ints, uintptr_t workspace, int64_t workspace_bytes,
-         int device, uintptr_t stream) {
+         uintptr_t labels, uintptr_t out_floats, uintptr_t out_ints, uintptr_t vote_log, uintptr_t workspace,
+         int64_t workspace_bytes, int device, uintptr_t stream) {
         const ensel::LogitsView view{ptr<const void>(logits), static_cast<ensel::DType>(dtype), member_stride,
                                      sample_stride};
         py::gil_scoped_release release;
-        return as_tuple(ensel::fused_cuda(view, E, N, K, ptr<const int64_t>(labels), outputs(out_floats, out_ints, N),
+        return as_tuple(ensel::fused_cuda(view, E, N, K, ptr<const int64_t>(labels),
+                                          outputs(out_floats, out_ints, N, vote_log),
                                           ptr<void>(workspace), workspace_bytes, device, stream));
       },
       "Fused [E, N, K] scores on the GPU, on `stream`; waits for them. Returns (status, member, sample).");
@@ -154,12 +156,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "finalize_cuda",
       [](const py::tuple& state, int64_t N, int64_t K, int64_t capacity, uintptr_t labels, int E,
-         uintptr_t out_floats, uintptr_t out_ints, uintptr_t workspace, int64_t workspace_bytes, int device,
-         uintptr_t stream) {
+         uintptr_t out_floats, uintptr_t out_ints, uintptr_t vote_log, uintptr_t workspace, int64_t workspace_bytes,
+         int device, uintptr_t stream) {
         const ensel::StreamState s = stream_state(state, N, K, capacity, labels);
         py::gil_scoped_release release;
-        ensel::finalize_cuda(s, E, outputs(out_floats, out_ints, N), ptr<void>(workspace), workspace_bytes, device,
-                             stream);
+        ensel::finalize_cuda(s, E, outputs(out_floats, out_ints, N, vote_log), ptr<void>(workspace),
+                             workspace_bytes, device, stream);
       },
       "Scores on the GPU from a state in which every sample has seen E members.");
 #else
@@ -182,12 +184,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "fused_cpu",
       [](uintptr_t logits, int dtype, int64_t E, int64_t N, int64_t K, int64_t member_stride,
-         int64_t sample_stride, uintptr_t labels, uintptr_t out_floats, uintptr_t out_ints, int threads) {
+         int64_t sample_stride, uintptr_t labels, uintptr_t out_floats, uintptr_t out_ints, uintptr_t vote_log,
+         int threads) {
         const ensel::LogitsView view{ptr<const void>(logits), static_cast<ensel::DType>(dtype), member_stride,
                                      sample_stride};
         py::gil_scoped_release release;
         return as_tuple(ensel::fused_cpu(view, E, N, K, ptr<const int64_t>(labels),
-                                         outputs(out_floats, out_ints, N), threads));
+                                         outputs(out_floats, out_ints, N, vote_log), threads));
       },
       "Fused [E, N, K] scores. Returns (status, member, sample) of the first invalid row, or (0, -1, -1).");
 
@@ -205,10 +208,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "finalize_cpu",
       [](const py::tuple& state, int64_t N, int64_t K, int64_t capacity, uintptr_t labels, int E,
-         uintptr_t out_floats, uintptr_t out_ints, int threads) {
+         uintptr_t out_floats, uintptr_t out_ints, uintptr_t vote_log, int threads) {
         const ensel::StreamState s = stream_state(state, N, K, capacity, labels);
         py::gil_scoped_release release;
-        ensel::finalize_cpu(s, E, outputs(out_floats, out_ints, N), threads);
+        ensel::finalize_cpu(s, E, outputs(out_floats, out_ints, N, vote_log), threads);
       },
       "Scores from a state in which every sample has seen E members.");
 }

@@ -12,6 +12,7 @@ FLOAT_FIELDS = (
     "least_confidence",
     "error_count",
     "nll",
+    "vote_entropy",  # appended: the older columns keep their kernel indices
 )
 INT_FIELDS = ("mode", "mode_votes", "forgetting")
 
@@ -25,6 +26,7 @@ DIRECTION = {
     "mean_entropy": "high",
     "mutual_info": "high",
     "variation_ratio": "high",
+    "vote_entropy": "high",
     "margin": "low",
     "least_confidence": "high",
     "error_count": "high",
@@ -40,6 +42,7 @@ ALL_FIELDS = (
     "mode",
     "mode_votes",
     "variation_ratio",
+    "vote_entropy",
     "margin",
     "least_confidence",
     "error_count",

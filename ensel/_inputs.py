@@ -19,6 +19,13 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 # Status codes shared with csrc/include/ensel/common.h (Status).
 _STATUS_TEXT = {1: "NaN logit", 2: "+inf logit", 3: "row of all -inf logits"}
 
+# What the values of an input are (docs/contract.md section 3): `kind=` of `ensel.score`,
+# `Accumulator` and `score_files`.
+KINDS = ("logits", "log_probs", "probs")
+
+# The kernels' statuses, said of log-probabilities (the same values as logits to every kernel).
+_LOG_PROBS_TEXT = {1: "NaN log-probability", 2: "+inf log-probability", 3: "row of all -inf log-probabilities"}
+
 
 def as_int(value, what: str, minimum: int | None = None) -> int:
     """An integer argument as a Python int (docs/contract.md section 6): any integral type --
@@ -82,12 +89,72 @@ def check_labels(labels, num_samples: int, num_classes: int, device: torch.devic
     return labels
 
 
+class InvalidInput(ValueError):
+    """The contract's ValueError for an invalid row (docs/contract.md section 4), carrying the
+    kernel's `status` and the row's `member` and `sample`, so that the chunked paths can move
+    it to the caller's sample index and say it of the input's kind."""
+
+    def __init__(self, status: int, member: int, sample: int, what: str | None = None):
+        if what is None:
+            what = _STATUS_TEXT.get(status, f"invalid logits (status {status})")
+        super().__init__(f"invalid input: {what} at member {member}, sample {sample}")
+        self.status, self.member, self.sample, self.what = status, member, sample, what
+
+    def restated(self, kind: str, row: torch.Tensor | None = None, offset: int = 0) -> InvalidInput:
+        """The same offence said of an input of `kind`, at sample `sample + offset`. For "probs",
+        `row` is the offending row as the caller gave it (probabilities, before their log): the
+        kernels saw its log, where a negative value and a NaN are both NaN."""
+        what = self.what
+        if kind == "log_probs":
+            what = _LOG_PROBS_TEXT.get(self.status, what)
+        elif kind == "probs" and row is not None:
+            what = probs_problem(row)
+        return InvalidInput(self.status, self.member, self.sample + offset, what)
+
+
 def raise_invalid(status: int, member: int, sample: int) -> None:
     """Raise the contract's ValueError for a kernel's (status, member, sample), if any."""
     if status == 0:
         return
-    what = _STATUS_TEXT.get(status, f"invalid logits (status {status})")
-    raise ValueError(f"invalid input: {what} at member {member}, sample {sample}")
+    raise InvalidInput(status, member, sample)
+
+
+def check_kind(kind) -> str:
+    """`kind=` as one of KINDS: a TypeError for a non-string, a ValueError for another name."""
+    if not isinstance(kind, str):
+        raise TypeError(f"kind: expected one of {', '.join(map(repr, KINDS))}, got {type(kind).__name__} {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(map(repr, KINDS))}")
+    return kind
+
+
+def log_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype probabilities of `dtype` are converted to log-probabilities in: one wide enough
+    that distinct probabilities keep distinct logs (so each member's argmax is the argmax of the
+    probabilities as given): float16 and bfloat16 -> float32, float32 and float64 -> float64.
+    (Two float64 probabilities a few ulps apart can round to one log: the only ties it adds.)"""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
+
+
+def log_probs_into(out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """`out` (contiguous, of `log_dtype`) = log of `probs`, read in place from any strides:
+    log 0 = -inf (probability 0); a negative or NaN probability gives NaN and +inf gives +inf,
+    which the kernels refuse as invalid rows (`probs_problem` names them)."""
+    out.copy_(probs)
+    return out.log_()
+
+
+def probs_problem(row: torch.Tensor) -> str:
+    """What is wrong with an invalid row of probabilities: its first offending value in class
+    order (NaN, negative -- -inf included -- or +inf), else that every value is 0."""
+    x = row if row.dtype == torch.float64 else row.float()
+    bad = torch.isnan(x) | (x < 0) | torch.isposinf(x)
+    if not bool(bad.any()):
+        return "row of probabilities summing to 0"
+    value = float(x[int(bad.to(torch.int8).argmax())])
+    if value != value:
+        return "NaN probability"
+    return "+inf probability" if value > 0 else "negative probability"
 
 
 def row_status(rows: torch.Tensor) -> torch.Tensor:

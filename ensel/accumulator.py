@@ -9,7 +9,9 @@ import threading
 import torch
 
 from . import backends
-from ._inputs import as_int, as_tensor, check_labels, check_logits
+from ._inputs import (
+    KINDS, InvalidInput, as_int, as_tensor, check_kind, check_labels, check_logits, log_dtype, log_probs_into,
+)  # fmt: skip
 from ._io import atomic_write
 from ._state import FIELDS, StreamState
 from .scores import Scores, empty_columns
@@ -168,6 +170,10 @@ class Accumulator:
     `finalize()` needs every sample to have seen the same number of members. The state is
     4 N K + 4 N E + 36 N bytes; `save` and `load` carry it across processes. Threads may call
     `update` concurrently on disjoint rows (docs/contract.md section 9).
+
+    `kind` says what every `update` hands in: "logits", "log_probs" or "probs" (docs/contract.md
+    section 3). It is fixed for the accumulator's life (saved with its state): one forgotten
+    per-call keyword would otherwise score probabilities as logits without a word.
     """
 
     def __init__(
@@ -178,7 +184,10 @@ class Accumulator:
         device: str | torch.device = "cpu",
         backend: str = "auto",
         num_members: int | None = None,
+        *,
+        kind: str = "logits",
     ):
+        kind = check_kind(kind)
         n = as_int(num_samples, "num_samples", 0)
         k = _check_num_classes(num_classes)
         capacity = 8 if num_members is None else as_int(num_members, "num_members", 1)
@@ -186,12 +195,18 @@ class Accumulator:
         backend = backends.resolve(backend, device)
         if labels is not None:
             labels = check_labels(labels, n, k, device)
-        self._setup(StreamState.empty(n, k, labels, device, capacity), backend)
+        self._setup(StreamState.empty(n, k, labels, device, capacity), backend, kind)
 
-    def _setup(self, state: StreamState, backend) -> None:
+    def _setup(self, state: StreamState, backend, kind: str) -> None:
         self._state = state
         self._backend = backend
+        self._kind = kind
         self._lock = _SharedExclusiveLock()
+
+    @property
+    def kind(self) -> str:
+        """What `update` reads: "logits", "log_probs" or "probs"."""
+        return self._kind
 
     @property
     def num_samples(self) -> int:
@@ -215,8 +230,10 @@ class Accumulator:
         return self._state.members.clone()
 
     def update(self, logits, start: int = 0) -> None:
-        """Adds one member's [B, K] logits for rows [start, start + B). On invalid input it raises
-        and leaves the state as it was."""
+        """Adds one member's [B, K] logits (or log-probabilities or probabilities: the
+        accumulator's `kind`) for rows [start, start + B). On invalid input it raises and leaves
+        the state as it was. A batch whose classes are not unit-stride, or of probabilities, is
+        copied (converted) once: a copy of the batch's size, never of more."""
         x = as_tensor(logits)
         check_logits(x, 2)
         s = self._state
@@ -232,6 +249,16 @@ class Accumulator:
             )
         if rows == 0:
             return
+        given = x
+        if self._kind == "probs":  # validated by the kernel as their log; named from `given`
+            x = log_probs_into(torch.empty(x.shape, dtype=log_dtype(x.dtype), device=x.device), x)
+        try:
+            self._update(x, start, rows)
+        except InvalidInput as e:
+            row = given[e.sample - start] if self._kind == "probs" else None
+            raise e.restated(self._kind, row) from None
+
+    def _update(self, x: torch.Tensor, start: int, rows: int) -> None:
         with self._lock.shared(start, start + rows):
             s = self._state
             if _max_count(s.members[start : start + rows]) < s.capacity:
@@ -286,14 +313,26 @@ class Accumulator:
                 num_samples=s.num_samples,
                 num_classes=s.num_classes,
                 labels=None if s.labels is None else s.labels.cpu(),
+                kind=self._kind,
             )
             with atomic_write(path) as tmp:
                 torch.save(payload, tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", backend: str = "auto") -> Accumulator:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        backend: str = "auto",
+        *,
+        kind: str | None = None,
+    ) -> Accumulator:
         """An accumulator in the state `save` wrote. Refuses truncated, foreign or corrupted files
-        (ValueError naming the file) before allocating anything from what they claim."""
+        (ValueError naming the file) before allocating anything from what they claim. `kind`:
+        what later updates hand in; None (default) keeps the saved accumulator's (a file
+        without one, written before kinds existed, holds logits)."""
+        if kind is not None:
+            kind = check_kind(kind)
         device = torch.device(device)
         resolved = backends.resolve(backend, device)
         try:
@@ -303,6 +342,9 @@ class Accumulator:
         except Exception as e:
             raise ValueError(f"{path}: not a readable ensel accumulator state ({type(e).__name__}: {e})") from e
         n, k = _check_header(path, payload)
+        saved_kind = payload.get("kind", "logits")
+        if not isinstance(saved_kind, str) or saved_kind not in KINDS:
+            raise ValueError(f"{path}: corrupted state header (kind {saved_kind!r} is not one of {', '.join(KINDS)})")
         _check_fields(path, payload, n, k)
         labels = payload["labels"]
         if labels is not None:
@@ -316,5 +358,5 @@ class Accumulator:
         # Room for the next member: the file holds only the used rows of the history.
         state.argmax_history = state.history_with_room(state.capacity + 1)
         acc = cls.__new__(cls)
-        acc._setup(state, resolved)
+        acc._setup(state, resolved, saved_kind if kind is None else kind)
         return acc

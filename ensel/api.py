@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from . import backends
-from ._inputs import as_tensor, check_labels, check_logits
+from ._chunks import chunk_samples, kernel_dtype, needs_chunks, score_chunks, view_chunks
+from ._inputs import InvalidInput, as_tensor, check_kind, check_labels, check_logits, log_dtype
 from .accumulator import Accumulator
 from .ops import fused_scores
 from .scores import Scores
@@ -19,17 +20,23 @@ def _is_array(x) -> bool:
     return isinstance(x, (torch.Tensor, np.ndarray)) or hasattr(x, "__dlpack__")
 
 
-def score(logits, labels=None, *, backend: str = "auto") -> Scores:
+def score(logits, labels=None, *, backend: str = "auto", kind: str = "logits") -> Scores:
     """Every score of the contract for an ensemble's logits, in one pass.
 
     `logits` is either an [E, N, K] array (members, samples, classes: a torch tensor on CPU or
-    CUDA, a numpy array, or any DLPack array) scored by the fused kernel, or an iterable of
-    per-member [N, K] arrays (or [e, N, K] groups of members), streamed through an Accumulator.
+    CUDA, a numpy array, or any DLPack array; any strides, so a permuted view of an [N, E, K] or
+    [N, K, E] buffer is fine) scored by the fused kernel, or an iterable of per-member [N, K]
+    arrays (or [e, N, K] groups of members), streamed through an Accumulator.
     `labels` (int [N]) adds error_count, forgetting and nll. Float dtypes: float32, float16,
     bfloat16, float64; scores are accumulated in float32.
+    `kind`: what the values are -- "logits", "log_probs" (read as logits: softmax(log p) = p) or
+    "probs" (non-negative, rows with a positive sum; scored as the normalized rows, converted to
+    log p in bounded chunks of samples). Inputs whose classes are not unit-stride are likewise
+    copied chunk by chunk, never whole (docs/contract.md sections 3 and 12).
     """
+    kind = check_kind(kind)
     if not _is_array(logits) and isinstance(logits, Iterable):
-        return _score_stream(logits, labels, backend)
+        return _score_stream(logits, labels, backend, kind)
     x = as_tensor(logits)
     check_logits(x, 3)
     E, N, K = x.shape
@@ -38,15 +45,27 @@ def score(logits, labels=None, *, backend: str = "auto") -> Scores:
     if labels is not None:
         labels = check_labels(labels, N, K, x.device)
     if torch.compiler.is_compiling():
+        if kind == "probs":  # one graph op on the whole tensor: the chunked path is eager only
+            x = torch.log(x.to(log_dtype(x.dtype)))
         floats, ints = fused_scores(x, labels, backend)  # opaque to the tracer, shaped by its fake
-    else:
-        # Eagerly the op's wrapper adds nothing but a one-time second of torch._dynamo import.
-        floats, ints = backends.resolve(backend, x.device).fused(x, labels)
-        floats, ints = floats.to(x.device), ints.to(x.device)
+        return Scores.from_columns(floats, ints, E, labels is not None)
+    resolved = backends.resolve(backend, x.device)
+    if N > 0 and needs_chunks(x, kind):
+        chunk = chunk_samples(E, K, kernel_dtype(x.dtype, kind))
+        return score_chunks(
+            view_chunks(x, chunk), num_members=E, num_samples=N, labels=labels, backend=resolved,
+            device=x.device, kind=kind, dtype=x.dtype,
+        )  # fmt: skip
+    # Eagerly the op's wrapper adds nothing but a one-time second of torch._dynamo import.
+    try:
+        floats, ints = resolved.fused(x, labels)
+    except InvalidInput as e:
+        raise e.restated(kind) from None
+    floats, ints = floats.to(x.device), ints.to(x.device)
     return Scores.from_columns(floats, ints, E, labels is not None)
 
 
-def _score_stream(stream: Iterable, labels, backend: str) -> Scores:
+def _score_stream(stream: Iterable, labels, backend: str, kind: str) -> Scores:
     acc = None
     members = 0
     for i, item in enumerate(stream):
@@ -55,7 +74,7 @@ def _score_stream(stream: Iterable, labels, backend: str) -> Scores:
             x = x[None]
         check_logits(x, 3, f"stream item {i}")
         if acc is None:
-            acc = Accumulator(x.shape[1], x.shape[2], labels=labels, device=x.device, backend=backend)
+            acc = Accumulator(x.shape[1], x.shape[2], labels=labels, device=x.device, backend=backend, kind=kind)
         elif x.shape[1:] != (acc.num_samples, acc.num_classes):
             raise ValueError(
                 f"stream item {i}: shape {tuple(x.shape)} does not match the first item's "

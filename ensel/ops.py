@@ -1,6 +1,6 @@
 """The fused scoring kernel as a torch.library op, so `torch.compile` graphs can hold it.
 
-`torch.ops.ensel.fused_scores(logits, labels, backend)` returns the packed float32 [8, N] and
+`torch.ops.ensel.fused_scores(logits, labels, backend)` returns the packed float32 [9, N] and
 int64 [3, N] score columns (ensel/_fields.py order); its fake implementation gives their shapes
 without running anything. `ensel.score` validates its arguments, then calls this op.
 """

@@ -11,9 +11,12 @@ in the kernel's page cache only: they are never mapped into this process, so the
 its resident memory, and the kernel reclaims them as it needs. What this call allocates:
 
     staging   2 x E x c x K x itemsize   (double buffering: one chunk scored, the next one read)
-    per chunk c x (56 + 8) bytes         (the kernel's packed outputs: 8 float32 + 3 int64 fields;
+    per chunk c x (60 + 8) bytes         (the kernel's packed outputs: 9 float32 + 3 int64 fields;
                                           the chunk's labels as int64)
-    result    N x 56 bytes               (the packed scores of every sample)
+    result    N x 60 bytes               (the packed scores of every sample)
+
+    converted E x c x K x 4 or 8 bytes   (kind="probs" only: the chunk's log p, float32 for float16
+                                          and bfloat16 files, float64 for float32 and float64 ones)
 
 and `max_memory` bounds the sum: c is the largest chunk that fits. On CUDA the staging buffers are
 pinned host memory and a second pair lives on the device (the same budget bounds each side);
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import queue
 import threading
 from collections.abc import Iterable
@@ -38,8 +40,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import backends
+from ._chunks import kernel_dtype, score_chunks
 from ._fields import FLOAT_FIELDS, INT_FIELDS
-from ._inputs import as_int, check_labels
+from ._inputs import as_int, check_kind, check_labels
 from .api import score
 from .scores import Scores
 
@@ -213,22 +217,27 @@ def describe_files(paths, shape=None, dtype=None, offset: int = 0) -> list[Logit
     return files
 
 
-def bytes_per_chunk_sample(num_members: int, row_bytes: int) -> int:
-    """Working memory per sample of a chunk: double-buffered staging, kernel outputs, labels."""
-    return STAGING_BUFFERS * num_members * row_bytes + OUTPUT_BYTES + LABEL_BYTES
+def bytes_per_chunk_sample(num_members: int, row_bytes: int, converted_row_bytes: int = 0) -> int:
+    """Working memory per sample of a chunk: double-buffered staging, kernel outputs, labels, and
+    for probabilities the converted rows (`converted_row_bytes` each: K x 4 or 8)."""
+    staged = STAGING_BUFFERS * num_members * row_bytes
+    return staged + num_members * converted_row_bytes + OUTPUT_BYTES + LABEL_BYTES
 
 
-def plan_chunk(num_members: int, num_samples: int, row_bytes: int, max_memory: int) -> int:
+def plan_chunk(
+    num_members: int, num_samples: int, row_bytes: int, max_memory: int, converted_row_bytes: int = 0
+) -> int:
     """The largest chunk of samples whose working memory, with the N-sample result, fits."""
     max_memory = as_int(max_memory, "max_memory", 0)
     result = num_samples * OUTPUT_BYTES
-    per_sample = bytes_per_chunk_sample(num_members, row_bytes)
+    per_sample = bytes_per_chunk_sample(num_members, row_bytes, converted_row_bytes)
     chunk = (max_memory - result) // per_sample
     if chunk < 1:
         raise ValueError(
             f"max_memory={max_memory} bytes is too small: the scores of {num_samples} samples take "
             f"{result} bytes and one sample of {num_members} members takes {per_sample} more "
-            f"({STAGING_BUFFERS} staging buffers x {num_members} x {row_bytes} bytes, plus outputs); "
+            f"({STAGING_BUFFERS} staging buffers x {num_members} x {row_bytes} bytes, plus outputs"
+            f"{f' and {num_members} x {converted_row_bytes} bytes of converted rows' if converted_row_bytes else ''}); "
             f"at least {result + per_sample} bytes are needed"
         )
     return min(chunk, num_samples)
@@ -254,22 +263,30 @@ def score_files(
     offset: int = 0,
     device="cpu",
     backend: str = "auto",
+    kind: str = "logits",
 ) -> Scores:
     """Fused scores of per-member logit files (in the given member order), out of core.
 
     `paths`: one path (str or os.PathLike: one member) or a sequence of paths. Files of 0 rows
     give empty scores.
-    Chunks of samples are read from all E files and scored by `ensel.score` on the [E, chunk, K]
-    block (any backend, any device), with the next chunk read (and on CUDA copied to the device)
+    Chunks of samples are read from all E files and scored by the fused kernel on the
+    [E, chunk, K] block (any backend, any device; `ensel._chunks.score_chunks` assembles the
+    columns, as for `ensel.score`'s chunked inputs), with the next chunk read (and on CUDA copied to the device)
     by a prefetch thread meanwhile. `max_memory` (bytes, default 1 GiB) bounds what this call
     allocates (see the module docstring); `chunk_samples` caps the chunk further. The result
-    equals `ensel.score` of the whole block, bit for bit.
+    equals `ensel.score` of the whole block, bit for bit. `kind`: what the files hold, "logits",
+    "log_probs" or "probs" (as `ensel.score`; probabilities are converted chunk by chunk, and the
+    converted chunk counts in `max_memory`).
     """
+    kind = check_kind(kind)
     files = describe_files(paths, shape, dtype, offset)
     E = len(files)
     N, K = files[0].num_samples, files[0].num_classes
     budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
-    chunk = plan_chunk(E, N, files[0].row_bytes, budget)
+    converted = 0  # bytes of one converted row: probabilities only
+    if kind == "probs":
+        converted = K * torch.empty((), dtype=kernel_dtype(files[0].dtype, kind)).element_size()
+    chunk = plan_chunk(E, N, files[0].row_bytes, budget, converted)
     if chunk_samples is not None:
         chunk = min(chunk, as_int(chunk_samples, "chunk_samples", 1))
     device = torch.device(device)
@@ -281,25 +298,13 @@ def score_files(
     if N == 0:
         # Nothing to read: the empty block goes through ensel.score like any chunk would (the
         # labels' checks included) and gives the empty scores of E members.
-        return score(torch.empty(E, 0, K, dtype=files[0].dtype, device=device), labels, backend=backend)
-    floats = torch.empty(len(FLOAT_FIELDS), N, dtype=torch.float32, device=device)
-    ints = torch.empty(len(INT_FIELDS), N, dtype=torch.int64, device=device)
-    for start, count, block in _Pipeline(files, chunk, device).chunks():
-        part = None if labels is None else labels[start : start + count]
-        try:
-            s = score(block, part, backend=backend)
-        except ValueError as e:
-            # The kernels count samples from the chunk's first row; the user counts file rows.
-            raise ValueError(re.sub(r"sample (\d+)", lambda m: f"sample {start + int(m.group(1))}", str(e))) from e
-        for row, name in enumerate(FLOAT_FIELDS):
-            value = getattr(s, name)
-            if value is not None:
-                floats[row, start : start + count] = value
-        for row, name in enumerate(INT_FIELDS):
-            value = getattr(s, name)
-            if value is not None:
-                ints[row, start : start + count] = value
-    return Scores.from_columns(floats, ints, E, labels is not None)
+        return score(torch.empty(E, 0, K, dtype=files[0].dtype, device=device), labels, backend=backend, kind=kind)
+    resolved = backends.resolve(backend, device)  # before any buffer is allocated or file read
+    # The chunks' samples are file rows: the first invalid row is reported at its file row.
+    return score_chunks(
+        _Pipeline(files, chunk, device).chunks(), num_members=E, num_samples=N, labels=labels,
+        backend=resolved, device=device, kind=kind, dtype=files[0].dtype,
+    )  # fmt: skip
 
 
 class _Pipeline:

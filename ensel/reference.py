@@ -45,6 +45,8 @@ def reference_scores(logits: torch.Tensor, labels: torch.Tensor | None = None) -
     mode_votes, _ = counts.max(-1)
     # The lowest class among those with the most votes.
     mode = (counts == mode_votes[:, None]).to(torch.int8).argmax(-1)
+    # v_c / E, sorted so that equal count multisets are summed in the same order (equal bits)
+    vote_share = counts.sort(-1).values.to(torch.float64) / E
 
     top = pbar.topk(min(2, K), dim=-1).values
     margin = top[:, 0] - top[:, 1] if K > 1 else torch.ones(N, dtype=torch.float64, device=x.device)
@@ -56,6 +58,7 @@ def reference_scores(logits: torch.Tensor, labels: torch.Tensor | None = None) -
         "mode": mode,
         "mode_votes": mode_votes,
         "variation_ratio": (E - mode_votes).to(torch.float64) / E,
+        "vote_entropy": -torch.special.xlogy(vote_share, vote_share).sum(-1),
         "margin": margin,
         "least_confidence": 1.0 - top[:, 0],
     }

@@ -11,7 +11,7 @@ from ._inputs import as_int
 
 
 def empty_columns(device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed columns of no samples (float32 [8, 0], int64 [3, 0]): what every kernel returns
+    """The packed columns of no samples (float32 [9, 0], int64 [3, 0]): what every kernel returns
     for N = 0, for the paths that have no kernel to call then."""
     floats = torch.empty(len(FLOAT_FIELDS), 0, dtype=torch.float32, device=device)
     ints = torch.empty(len(INT_FIELDS), 0, dtype=torch.int64, device=device)
@@ -37,6 +37,7 @@ class Scores:
     mode: torch.Tensor
     mode_votes: torch.Tensor
     variation_ratio: torch.Tensor
+    vote_entropy: torch.Tensor
     margin: torch.Tensor
     least_confidence: torch.Tensor
     error_count: torch.Tensor | None = None

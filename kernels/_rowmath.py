@@ -29,9 +29,13 @@ MARGIN = tl.constexpr(4)
 LEAST_CONFIDENCE = tl.constexpr(5)
 ERROR_COUNT = tl.constexpr(6)
 NLL = tl.constexpr(7)
+VOTE_ENTROPY = tl.constexpr(8)
 MODE = tl.constexpr(0)
 MODE_VOTES = tl.constexpr(1)
 FORGETTING = tl.constexpr(2)
+# Rows of the packed outputs (host side only: kernels/launch.py).
+NUM_FLOAT_FIELDS = 9
+NUM_INT_FIELDS = 3
 
 
 @triton.jit
@@ -141,10 +145,19 @@ def store_member_scores(floats_ptr, ints_ptr, offs_n64, mask_n, N, E, entropy_su
 
 
 @triton.jit
+def onehot_vote_log_sum(votes, vote_log_ptr):
+    """sum_c v_c L[v_c] per row of a [rows, BLOCK_K] tile of vote counts (padded classes hold 0),
+    L = vote_log_ptr's table (ensel/_votes.py): an int64, exact in any order (row.h vote_entropy_of)."""
+    lv = tl.load(vote_log_ptr + votes, mask=votes > 0, other=0)
+    return tl.sum(votes.to(tl.int64) * lv, axis=1)
+
+
+@triton.jit
 def store_pbar_scores(floats_ptr, ints_ptr, offs_n64, mask_n, N, K, E, neg_h, top1, top2, mean_entropy,
-                      mode, votes):
+                      mode, votes, vote_log_sum, vote_log_ptr):
     """The scores made of pbar and the votes (row.h write_scores): entropy, mutual_info,
-    variation_ratio, margin, least_confidence, mode, mode_votes."""
+    variation_ratio, vote_entropy, margin, least_confidence, mode, mode_votes. `vote_log_sum` is
+    sum_e L[c_e] (onehot_vote_log_sum, mode_pairwise)."""
     e_f = tl.cast(E, tl.float32)
     n64 = tl.cast(N, tl.int64)
     entropy = tl.where(-neg_h > 0.0, -neg_h, 0.0)
@@ -153,6 +166,12 @@ def store_pbar_scores(floats_ptr, ints_ptr, offs_n64, mask_n, N, K, E, neg_h, to
     tl.store(floats_ptr + MUTUAL_INFO * n64 + offs_n64, tl.where(mi > 0.0, mi, 0.0), mask=mask_n)
     vr = tl.div_rn(tl.cast(E - votes, tl.float32), e_f)
     tl.store(floats_ptr + VARIATION_RATIO * n64 + offs_n64, vr, mask=mask_n)
+    # row.h vote_entropy_of: (E L[E] - S) / (E 2^F) by one float64 division, rounded once to float32.
+    e64 = tl.cast(E, tl.int64)
+    d = e64 * tl.load(vote_log_ptr + e64) - vote_log_sum
+    denominator = tl.cast(E, tl.float64) * tl.load(vote_log_ptr).to(tl.float64)
+    ve = (d.to(tl.float64) / denominator).to(tl.float32)  # float64 `/` is div.rn.f64 (div_rn: fp32 only)
+    tl.store(floats_ptr + VOTE_ENTROPY * n64 + offs_n64, ve, mask=mask_n)
     margin = tl.where(K > 1, top1 - top2, 1.0)  # K = 1: the contract's value
     tl.store(floats_ptr + MARGIN * n64 + offs_n64, margin, mask=mask_n)
     tl.store(floats_ptr + LEAST_CONFIDENCE * n64 + offs_n64, 1.0 - top1, mask=mask_n)
@@ -161,13 +180,16 @@ def store_pbar_scores(floats_ptr, ints_ptr, offs_n64, mask_n, N, K, E, neg_h, to
 
 
 @triton.jit
-def mode_pairwise(hist_ptr, stride_e, offs_n64, mask_n, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+def mode_pairwise(hist_ptr, stride_e, offs_n64, mask_n, E, vote_log_ptr, BLOCK_N: tl.constexpr,
+                  BLOCK_E: tl.constexpr):
     """Mode and votes of E member argmaxes per sample (hist[e * stride_e + n]): each member's class
-    is counted among all E, the most votes win, the lowest class on ties (row.h mode_of).
+    is counted among all E, the most votes win, the lowest class on ties (row.h mode_of); and
+    sum_e L[c_e] over those counts c_e (vote_entropy, row.h vote_entropy_of).
     O(E^2) compares, independent of K: for class counts too large to hold one-hot votes."""
     offs_e = tl.arange(0, BLOCK_E)
     best_votes = tl.zeros([BLOCK_N], tl.int32)
     best_class = tl.full([BLOCK_N], 2147483647, tl.int32)
+    vote_log_sum = tl.zeros([BLOCK_N], tl.int64)
     for i0 in range(0, E, BLOCK_E):
         ei = i0 + offs_e
         valid = mask_n[:, None] & (ei < E)[None, :]
@@ -181,7 +203,8 @@ def mode_pairwise(hist_ptr, stride_e, offs_n64, mask_n, E, BLOCK_N: tl.constexpr
         better = (most > best_votes) | ((most == best_votes) & (cls < best_class))
         best_votes = tl.where(better, most, best_votes)
         best_class = tl.where(better, cls, best_class)
-    return best_class, best_votes
+        vote_log_sum += tl.sum(tl.load(vote_log_ptr + counts, mask=valid, other=0), axis=1)
+    return best_class, best_votes, vote_log_sum
 
 
 @triton.jit

@@ -31,6 +31,7 @@ from ._rowmath import (
     merge_top2,
     mode_pairwise,
     observe_label,
+    onehot_vote_log_sum,
     online_row_stats,
     row_status,
     shifted,
@@ -56,7 +57,7 @@ def _record_failure(x_ptr, fail_ptr, first_bad, offs_n, E, N, K, stride_e, strid
 
 
 @triton.jit
-def fused_tile_kernel(x_ptr, labels_ptr, floats_ptr, ints_ptr, fail_ptr,
+def fused_tile_kernel(x_ptr, labels_ptr, floats_ptr, ints_ptr, fail_ptr, vote_log_ptr,
                       E, N, K, stride_e, stride_n,
                       HAS_LABELS: tl.constexpr, IS_F64: tl.constexpr, WIDE_ROWS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -118,10 +119,11 @@ def fused_tile_kernel(x_ptr, labels_ptr, floats_ptr, ints_ptr, fail_ptr,
     neg_h = tl.sum(xlogx(p), axis=1)
     zero = tl.zeros([BLOCK_N], tl.float32)
     top1, top2 = merge_top2(zero, zero, p, offs_k)
+    vote_log_sum = onehot_vote_log_sum(votes, vote_log_ptr)  # after pbar's last use: fewer live registers
     mean_entropy = store_member_scores(floats_ptr, ints_ptr, offs_n64, mask_n, N, E, entropy_sum, correct,
                                        forgetting, nll_max, nll_sum, HAS_LABELS)
     store_pbar_scores(floats_ptr, ints_ptr, offs_n64, mask_n, N, K, E, neg_h, top1, top2, mean_entropy,
-                      mode, mode_votes)
+                      mode, mode_votes, vote_log_sum, vote_log_ptr)
     _record_failure(x_ptr, fail_ptr, first_bad, offs_n, E, N, K, stride_e, stride_n, IS_F64, BLOCK_K)
 
 
@@ -171,11 +173,11 @@ def fused_chunk_stats_kernel(x_ptr, labels_ptr, floats_ptr, ints_ptr, fail_ptr,
 
 
 @triton.jit
-def fused_chunk_finish_kernel(x_ptr, floats_ptr, ints_ptr, row_max_ptr, inv_sum_ptr, argmax_ptr,
+def fused_chunk_finish_kernel(x_ptr, floats_ptr, ints_ptr, row_max_ptr, inv_sum_ptr, argmax_ptr, vote_log_ptr,
                               E, N, K, stride_e, stride_n,
                               IS_F64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
     """Pass 2 of the large-K path, one sample per program: pbar chunk by chunk (members inner),
-    its entropy and two largest entries, and the mode from the scratch argmaxes."""
+    its entropy and two largest entries, and the mode and vote_entropy from the scratch argmaxes."""
     n = tl.program_id(0)
     n64 = tl.cast(n, tl.int64)
     N64 = tl.cast(N, tl.int64)
@@ -199,7 +201,7 @@ def fused_chunk_finish_kernel(x_ptr, floats_ptr, ints_ptr, row_max_ptr, inv_sum_
         p = tl.where(mask_k, pbar * inv_e, 0.0)[None, :]
         neg_h += tl.sum(xlogx(p), axis=1)
         top1, top2 = merge_top2(top1, top2, p, kk)
-    mode, votes = mode_pairwise(argmax_ptr, N64, offs_n64, mask_n, E, 1, BLOCK_E)
+    mode, votes, vote_log_sum = mode_pairwise(argmax_ptr, N64, offs_n64, mask_n, E, vote_log_ptr, 1, BLOCK_E)
     mean_entropy = tl.load(floats_ptr + MEAN_ENTROPY * N64 + offs_n64)  # the stats kernel's
     store_pbar_scores(floats_ptr, ints_ptr, offs_n64, mask_n, N, K, E, neg_h, top1, top2, mean_entropy,
-                      mode, votes)
+                      mode, votes, vote_log_sum, vote_log_ptr)

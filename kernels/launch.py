@@ -22,6 +22,7 @@ import os
 import torch
 import triton
 
+from . import _rowmath
 from . import fused as _fused
 from . import streaming as _streaming
 
@@ -92,12 +93,18 @@ def decode_failure(fail: torch.Tensor, num_samples: int) -> tuple[int, int, int]
     return status, member, sample
 
 
-def fused_scores(x: torch.Tensor, labels: torch.Tensor | None):
-    """floats [8, N], ints [3, N], and the failure (status, member, sample) of [E, N, K] logits
-    with unit class stride."""
+def _outputs(N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    floats = torch.empty(_rowmath.NUM_FLOAT_FIELDS, N, dtype=torch.float32, device=device)
+    ints = torch.empty(_rowmath.NUM_INT_FIELDS, N, dtype=torch.int64, device=device)
+    return floats, ints
+
+
+def fused_scores(x: torch.Tensor, labels: torch.Tensor | None, vote_log: torch.Tensor):
+    """floats [9, N], ints [3, N], and the failure (status, member, sample) of [E, N, K] logits
+    with unit class stride. `vote_log`: int64 [E + 1] on x's device, the vote_entropy table of
+    ensel/_votes.py."""
     E, N, K = x.shape
-    floats = torch.empty(8, N, dtype=torch.float32, device=x.device)
-    ints = torch.empty(3, N, dtype=torch.int64, device=x.device)
+    floats, ints = _outputs(N, x.device)
     if N == 0:
         return floats, ints, (0, -1, -1)
     fail = _fail_buffer(x.device)
@@ -105,7 +112,7 @@ def fused_scores(x: torch.Tensor, labels: torch.Tensor | None):
     labels_arg = labels if has_labels else fail  # never read without labels
     is_f64 = x.dtype == torch.float64
     block_k = _pow2(K)
-    args = (x, labels_arg, floats, ints, fail, E, N, K, x.stride(0), x.stride(1))
+    args = (x, labels_arg, floats, ints, fail, vote_log, E, N, K, x.stride(0), x.stride(1))
     if block_k <= TILE_MAX_K:
         # In-tile offsets are int32 unless a tile of up to 1024 rows may span 2^31 elements.
         wide = 1024 * x.stride(1) + K >= 2**31
@@ -132,7 +139,7 @@ def fused_scores(x: torch.Tensor, labels: torch.Tensor | None):
             HAS_LABELS=has_labels, IS_F64=is_f64, BLOCK_K=chunk,
             num_warps=4 if interpreting() else 8)
         _fused.fused_chunk_finish_kernel[grid](
-            x, floats, ints, row_max, inv_sum, argmax, E, N, K, x.stride(0), x.stride(1),
+            x, floats, ints, row_max, inv_sum, argmax, vote_log, E, N, K, x.stride(0), x.stride(1),
             IS_F64=is_f64, BLOCK_K=chunk, BLOCK_E=block_e, num_warps=4 if interpreting() else 8)
     return floats, ints, decode_failure(fail, N)
 
@@ -169,18 +176,19 @@ def stream_update(state, x: torch.Tensor, start: int):
     return failure
 
 
-def stream_finalize(state, num_members: int):
+def stream_finalize(state, num_members: int, vote_log: torch.Tensor):
+    """floats [9, N], ints [3, N] from a state in which every sample has seen E = num_members
+    members; `vote_log` as for fused_scores."""
     N, K, E = state.num_samples, state.num_classes, num_members
     device = state.pbar_sum.device
-    floats = torch.empty(8, N, dtype=torch.float32, device=device)
-    ints = torch.empty(3, N, dtype=torch.int64, device=device)
+    floats, ints = _outputs(N, device)
     has_labels = state.labels is not None
     one_hot = _pow2(K) <= 64
     block_k = _pow2(K) if one_hot else min(_pow2(K), 1024)
     block_n = max(1, min(64, (4096 if interpreting() else 2048) // block_k))
     _streaming.finalize_kernel[(triton.cdiv(N, block_n),)](
         state.pbar_sum, state.entropy_sum, state.argmax_history, state.correct, state.forgetting,
-        state.nll_max, state.nll_sum, floats, ints, E, N, K,
+        state.nll_max, state.nll_sum, floats, ints, vote_log, E, N, K,
         HAS_LABELS=has_labels, ONE_HOT_VOTES=one_hot, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_E=min(MODE_BLOCK_E, _pow2(E)), num_warps=4)
     return floats, ints

@@ -9,8 +9,8 @@
   terms into the per-sample state. K <= BLOCK_K: a [BLOCK_N, BLOCK_K] tile per program, read once.
   K > BLOCK_K: one row per program, an online-softmax pass over K-chunks for m, s, t and the
   argmax, then a second pass adding exp(l - m) / s into pbar_sum chunk by chunk.
-* `finalize_kernel` summarizes pbar = pbar_sum / E chunk by chunk (any K), and takes the mode of
-  argmax_history: one-hot vote counts for small K, pairwise counts beyond.
+* `finalize_kernel` summarizes pbar = pbar_sum / E chunk by chunk (any K), and takes the mode and
+  vote_entropy of argmax_history: one-hot vote counts for small K, pairwise counts beyond.
 """
 
 import triton
@@ -22,6 +22,7 @@ from ._rowmath import (
     merge_top2,
     mode_pairwise,
     observe_label,
+    onehot_vote_log_sum,
     online_row_stats,
     shifted,
     store_member_scores,
@@ -130,7 +131,7 @@ def update_kernel(x_ptr, labels_ptr, pbar_sum_ptr, entropy_sum_ptr, members_ptr,
 
 @triton.jit
 def finalize_kernel(pbar_sum_ptr, entropy_sum_ptr, history_ptr, correct_ptr, forgetting_ptr,
-                    nll_max_ptr, nll_sum_ptr, floats_ptr, ints_ptr, E, N, K,
+                    nll_max_ptr, nll_sum_ptr, floats_ptr, ints_ptr, vote_log_ptr, E, N, K,
                     HAS_LABELS: tl.constexpr, ONE_HOT_VOTES: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
@@ -157,8 +158,10 @@ def finalize_kernel(pbar_sum_ptr, entropy_sum_ptr, history_ptr, correct_ptr, for
             votes += (offs_k[None, :] == a[:, None]).to(tl.int32)
         mode_votes = tl.max(votes, axis=1)
         mode = tl.min(tl.where(votes == mode_votes[:, None], offs_k[None, :], BLOCK_K), axis=1)
+        vote_log_sum = onehot_vote_log_sum(votes, vote_log_ptr)
     else:
-        mode, mode_votes = mode_pairwise(history_ptr, N64, offs_n64, mask_n, E, BLOCK_N, BLOCK_E)
+        mode, mode_votes, vote_log_sum = mode_pairwise(history_ptr, N64, offs_n64, mask_n, E, vote_log_ptr,
+                                                       BLOCK_N, BLOCK_E)
     entropy_sum = tl.load(entropy_sum_ptr + offs_n64, mask=mask_n, other=0.0)
     correct = tl.zeros([BLOCK_N], tl.int32)
     forgetting = tl.zeros([BLOCK_N], tl.int32)
@@ -172,4 +175,4 @@ def finalize_kernel(pbar_sum_ptr, entropy_sum_ptr, history_ptr, correct_ptr, for
     mean_entropy = store_member_scores(floats_ptr, ints_ptr, offs_n64, mask_n, N, E, entropy_sum, correct,
                                        forgetting, nll_max, nll_sum, HAS_LABELS)
     store_pbar_scores(floats_ptr, ints_ptr, offs_n64, mask_n, N, K, E, neg_h, top1, top2, mean_entropy,
-                      mode, mode_votes)
+                      mode, mode_votes, vote_log_sum, vote_log_ptr)

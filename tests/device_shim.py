@@ -73,20 +73,22 @@ def install_if_requested() -> None:
         return
     real_score, RealAccumulator = ensel.score, ensel.Accumulator
 
-    def score(logits, labels=None, *, backend="auto"):
+    def score(logits, labels=None, *, backend="auto", **options):  # options: kind=
         if not _moves_to_device(backend):
-            return real_score(logits, labels, backend=backend)
+            return real_score(logits, labels, backend=backend, **options)
         if isinstance(logits, (torch.Tensor, np.ndarray)) or hasattr(logits, "__dlpack__"):
             logits = _on_device(logits)
         elif hasattr(logits, "__iter__"):
             logits = map(_on_device, logits)
-        return _to_cpu(real_score(logits, labels, backend=backend))
+        return _to_cpu(real_score(logits, labels, backend=backend, **options))
 
     class Accumulator(RealAccumulator):
-        def __init__(self, num_samples, num_classes, labels=None, device="cpu", backend="auto", num_members=None):
+        def __init__(
+            self, num_samples, num_classes, labels=None, device="cpu", backend="auto", num_members=None, **options
+        ):
             if _moves_to_device(backend):
                 device = DEVICE
-            super().__init__(num_samples, num_classes, labels, device, backend, num_members)
+            super().__init__(num_samples, num_classes, labels, device, backend, num_members, **options)
 
         @property
         def members(self):

@@ -26,6 +26,11 @@ FLOAT_SCORES = ("entropy", "mean_entropy", "mutual_info", "margin", "least_confi
 # Discrete scores: exact in every backend (docs/contract.md section 7).
 INT_SCORES = ("mode", "mode_votes")
 RATIO_SCORES = ("variation_ratio",)
+# Computed exactly from the vote counts (ensel/_votes.py): bit-identical across backends and
+# between fused and streaming; against the float64 reference, within one float32 ulp (the
+# reference's float64 sum of -p log p is itself rounded, so the exact value may sit on either side
+# of a float32 rounding boundary that the float64 value does not).
+VOTE_SCORES = ("vote_entropy",)
 LABEL_INT_SCORES = ("forgetting",)
 LABEL_RATIO_SCORES = ("error_count",)
 ALL_FIELDS = ensel.ALL_FIELDS
@@ -153,6 +158,38 @@ def run_scoring(logits, labels=None, backend="cpu", mode="fused", seed=0, **acc_
 # ----------------------------------------------------------------------------- comparisons
 
 
+def exact_vote_entropy(counts) -> float:
+    """-sum_c (v_c / E) log(v_c / E) of vote counts (zeros allowed), as the float32 nearest to
+    the exact value: 50-digit decimal arithmetic, then the nearest of the float32 candidates
+    around it (a float64 detour could round twice). Independent of ensel's algebra."""
+    from decimal import Decimal, localcontext
+
+    with localcontext() as ctx:
+        ctx.prec = 50
+        E = sum(counts)
+        value = Decimal(0)
+        for v in counts:
+            if v:
+                share = Decimal(v) / E
+                value -= share * share.ln()
+        f = np.float32(float(value))
+        candidates = (np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf)))
+        return float(min(candidates, key=lambda c: abs(Decimal(float(c)) - value)))
+
+
+def expected_vote_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """float32 [N]: exact_vote_entropy of each sample's votes, the members' argmaxes taken by
+    torch.argmax (first maximum) on the input's own values."""
+    E, N, K = logits.shape
+    argmax = logits.argmax(-1)  # [E, N]
+    values = []
+    for n in range(N):
+        counts = torch.bincount(argmax[:, n], minlength=K).tolist()
+        values.append(exact_vote_entropy(counts))
+    return torch.tensor(values, dtype=torch.float32)
+
+
+
 def assert_close_with_inf(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float = 0.0, name=""):
     """|got - want| <= atol + rtol |want| where finite; equal infinities elsewhere."""
     want = want.to(torch.float64)
@@ -171,6 +208,24 @@ def assert_close_with_inf(got: torch.Tensor, want: torch.Tensor, atol: float, rt
         )
 
 
+def float32_ulp(values: torch.Tensor) -> torch.Tensor:
+    """The spacing of float32 at each |value| (float64 tensor): the gap to the next float32 above."""
+    f = values.abs().to(torch.float32)
+    return (torch.nextafter(f, torch.full_like(f, math.inf)) - f).to(torch.float64)
+
+
+def assert_within_one_ulp(got: torch.Tensor, want: torch.Tensor, name=""):
+    """float32 `got` within one float32 ulp of the float64 `want`, NaN-free."""
+    assert got.dtype == torch.float32, f"{name}: dtype {got.dtype}"
+    assert not torch.isnan(got).any(), f"{name}: NaN in {got}"
+    want = want.to(torch.float64)
+    err = (got.to(torch.float64) - want).abs()
+    bad = err > float32_ulp(want)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise AssertionError(f"{name}: sample {i}: got {float(got[i])!r}, want {float(want[i])!r} (more than 1 ulp)")
+
+
 def assert_scores_match(scores: ensel.Scores, expected: dict, K: int, labels: bool, dtype=torch.float32):
     """A Scores against a dict of expected float64/int64 values (the reference's output):
     continuous scores within the contract's tolerance, discrete scores exactly."""
@@ -187,6 +242,8 @@ def assert_scores_match(scores: ensel.Scores, expected: dict, K: int, labels: bo
         got = getattr(scores, name)
         assert got.dtype == torch.float32
         assert torch.equal(got, expected[name].float()), f"{name}: got {got}, want {expected[name]}"
+    for name in VOTE_SCORES:
+        assert_within_one_ulp(getattr(scores, name), expected[name], name)
     if labels:
         for name in LABEL_INT_SCORES:
             got = getattr(scores, name)
@@ -225,7 +282,7 @@ def assert_scores_equal(a: ensel.Scores, b: ensel.Scores):
 def assert_streaming_matches_fused(streamed: ensel.Scores, fused: ensel.Scores, K: int):
     """docs/contract.md sections 7-8: discrete scores bit for bit, continuous ones within tolerance."""
     assert streamed.num_members == fused.num_members
-    for name in ("mode", "mode_votes", "variation_ratio", "error_count", "forgetting"):
+    for name in ("mode", "mode_votes", "variation_ratio", "vote_entropy", "error_count", "forgetting"):
         a, b = getattr(streamed, name), getattr(fused, name)
         assert (a is None) == (b is None), name
         if a is not None:

@@ -155,6 +155,42 @@ def test_resume_after_interruptions_recomputes_nothing(reference, tmp_path, monk
         Experiment(tiny(last=1), out, progress=False)
 
 
+def test_scores_saved_before_vote_entropy_still_resume(reference, tmp_path):
+    """A scores.pt written before vote_entropy existed (its fields lack it): a resumed run that
+    selects by another score loads it and selects what it selected then, scoring nothing again;
+    a selection by vote_entropy from it is refused, naming the file to delete."""
+    ref_out, _, _ = reference
+    out = tmp_path / "old"
+    shutil.copytree(ref_out, out)
+    path = out / "trial0" / "init" / "acquisition" / "scores.pt"
+    saved = torch.load(path, weights_only=True)
+    del saved["fields"]["vote_entropy"]
+    torch.save(saved, path)
+    (out / "trial0" / "mutual_info" / "size40" / "subset.npy").unlink()  # selected from that file again
+    counter = Counter()
+    Experiment(tiny(), out, hook=counter, progress=False, log=lambda *_: None).run()
+    assert (counter.epochs, counter.members) == (0, 0)  # nothing trained or scored again
+    sub = "mutual_info/size40/subset.npy"
+    assert np.array_equal(np.load(out / "trial0" / sub), np.load(ref_out / "trial0" / sub))
+    # A new run selecting by vote_entropy from a copy of that (old) initial stage.
+    new = tmp_path / "new"
+    shutil.copytree(out / "trial0" / "init", new / "trial0" / "init")
+    cfg = tiny(methods=("vote_entropy",), sizes=(40,))
+    with pytest.raises(ValueError, match=r"scores\.pt was written before the score 'vote_entropy' existed; delete it"):
+        Experiment(cfg, new, progress=False, log=lambda *_: None).run()
+    path_new = new / "trial0" / "init" / "acquisition" / "scores.pt"
+    path_new.unlink()  # as the message says: the stage is scored again from its checkpoints
+    counter = Counter()
+    Experiment(cfg, new, hook=counter, progress=False, log=lambda *_: None).run()
+    assert counter.members == 4  # the 4 members of the initial ensemble, scored again
+    candidates, rescored = _load_scores(path_new)
+    ve = rescored["fields"]["vote_entropy"]
+    assert ve.dtype == torch.float32 and not torch.isnan(ve).any()
+    init = np.load(new / "trial0" / "init" / "subset.npy")
+    picked = candidates[torch.sort(ve, descending=True, stable=True).indices[:20].numpy()]
+    assert set(np.load(new / "trial0" / "vote_entropy" / "size40" / "subset.npy")) == set(init) | set(picked)
+
+
 def test_compress_and_pretrain_schemes(tmp_path):
     common = dict(methods=("variation_ratio", "random"), sizes=(60,), full=True, save_logits=False,
                   train=TrainConfig(arch="resnet10", epochs=1, batch_size=64, validate_last=1))

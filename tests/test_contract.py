@@ -13,6 +13,7 @@ from helpers import (
     assert_matches_reference,
     assert_scores_equal,
     assert_streaming_matches_fused,
+    expected_vote_entropy,
     ids,
     make_labels,
     make_logits,
@@ -129,6 +130,28 @@ def test_float64_values_beyond_float32_range(backend, mode):
     labels = torch.tensor([1])
     s = run_scoring(logits, labels, backend, mode)
     assert_matches_reference(s, logits, labels)
+
+
+# The kernel backends: every one computes vote_entropy exactly from the counts (ensel/_votes.py);
+# the reference backend sums -p log p in float64 and is held to one ulp (tests/helpers.py).
+KERNEL_BACKENDS = [b for b in BACKENDS if b != "reference"]
+
+
+@pytest.mark.skipif(not KERNEL_BACKENDS, reason="no kernel backend under test")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids(DTYPES))
+@pytest.mark.parametrize("shape", [(2, 199, 7), (100, 7, 7), (12, 199, 3), (7, 50, 1000), (20, 3, 33000)],
+                         ids=shape_id)
+def test_vote_entropy_is_the_correctly_rounded_exact_value(backend, shape, dtype):
+    """vote_entropy bit for bit on every kernel backend, fused and streamed: the float32 nearest to
+    the exact entropy of the vote counts (decimal arithmetic on torch.argmax's votes). Equal bits
+    for every backend and order follow: acquisition by vote_entropy is all ties, broken by index."""
+    for kind in ("ties", "normal"):
+        logits, labels = _case(shape, dtype, kind, seed=14)
+        want = expected_vote_entropy(logits)
+        for mode in ("fused", "stream"):
+            got = run_scoring(logits, labels, backend, mode, seed=14).vote_entropy
+            assert torch.equal(got, want), f"{kind} {mode}: got {got}, want {want}"
 
 
 @pytest.mark.parametrize("threads", [1, 3])

@@ -185,7 +185,7 @@ def test_fused_matches_reference_and_cpu(shape, dtype):
     cpu_scores = _to_cpu(s)
     assert_matches_reference(cpu_scores, logits, labels)
     on_cpu = ensel.score(logits, labels=labels, backend="cpu")
-    for name in ("mode", "mode_votes", "variation_ratio", "error_count", "forgetting"):
+    for name in ("mode", "mode_votes", "variation_ratio", "vote_entropy", "error_count", "forgetting"):
         assert torch.equal(getattr(cpu_scores, name).cpu(), getattr(on_cpu, name)), name
 
 

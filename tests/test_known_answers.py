@@ -53,6 +53,7 @@ def test_uniform_logits(backend, mode, dtype, K, E, value):
     assert torch.equal(s.mode, torch.zeros(N, dtype=torch.int64))
     assert torch.equal(s.mode_votes, torch.full((N,), E, dtype=torch.int64))
     exact_ratio(s.variation_ratio, 0, E)
+    assert torch.equal(s.vote_entropy, torch.zeros(N))  # unanimous votes: exactly 0
     # Label 0 is every member's argmax; any other label is never hit.
     assert torch.equal(s.error_count, torch.tensor([0.0, 1.0, 1.0, 0.0]))
     assert torch.equal(s.forgetting, torch.zeros(N, dtype=torch.int64))
@@ -125,6 +126,7 @@ def test_two_member_disagreement(backend, mode, dtype, K):
     assert torch.equal(s.mode, torch.zeros(N, dtype=torch.int64))  # 1 vote each: lowest class
     assert torch.equal(s.mode_votes, torch.ones(N, dtype=torch.int64))
     exact_ratio(s.variation_ratio, 1, 2)
+    assert torch.equal(s.vote_entropy, torch.full((N,), math.log(2), dtype=torch.float32))
     # label 0: (right, wrong) -> forgotten once; label 1: (wrong, right); label K-1: never right
     # (for K = 2 that is label 1 again).
     assert torch.equal(s.error_count, torch.tensor([0.5, 0.5, 0.5 if K == 2 else 1.0]))
@@ -171,6 +173,8 @@ def test_mode_ties_go_to_lowest_class(backend, mode):
     assert torch.equal(s.mode, torch.tensor([1, 0, 0]))
     assert torch.equal(s.mode_votes, torch.tensor([3, 2, 2]))
     assert torch.equal(s.variation_ratio, torch.tensor([3 / 6, 4 / 6, 4 / 6], dtype=torch.float32))
+    # counts (3, 3), (2, 2, 2), (2, 2, 2): log 2, log 3, log 3
+    assert torch.equal(s.vote_entropy, torch.tensor([math.log(2), math.log(3), math.log(3)], dtype=torch.float32))
 
 
 @backends
@@ -295,3 +299,132 @@ def test_mutual_info_is_clamped_at_zero(backend, mode):
     assert bool((s.mutual_info >= 0).all())
     close(s.mutual_info, 0.0, 9)
     assert torch.equal(s.mode_votes, torch.full((50,), 6))
+
+
+# ----------------------------------------------------------------------------- vote_entropy
+
+
+def f32(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def h(*shares) -> float:
+    """-sum p log p of vote shares given as fractions of E (by hand, in float64)."""
+    return -sum(p * math.log(p) for p in shares)
+
+
+@backends
+@modes
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids(DTYPES))
+def test_vote_entropy_by_hand(backend, mode, dtype):
+    """E = 6 members, K = 8 classes; vote counts per sample and their entropy by hand:
+    unanimous -> 0 exactly; one vote per class over 6 classes -> log 6; (4, 2) -> H(2/3, 1/3);
+    (3, 3) -> log 2; (2, 2, 2) -> log 3; (3, 2, 1) -> H(1/2, 1/3, 1/6)."""
+    sequences = [
+        [3, 3, 3, 3, 3, 3],
+        [0, 1, 2, 3, 4, 5],
+        [7, 7, 2, 7, 2, 7],
+        [1, 6, 1, 6, 6, 1],
+        [5, 0, 4, 4, 0, 5],
+        [2, 0, 2, 1, 0, 0],
+    ]
+    logits = _argmax_sequences_logits(sequences, K=8).to(dtype)
+    s = run_scoring(logits, None, backend, mode)
+    want = [0.0, math.log(6), h(4 / 6, 2 / 6), math.log(2), math.log(3), h(3 / 6, 2 / 6, 1 / 6)]
+    assert s.vote_entropy.dtype == torch.float32
+    assert float(s.vote_entropy[0]) == 0.0  # exactly: unanimous votes
+    assert torch.equal(s.vote_entropy, torch.tensor(want, dtype=torch.float32)), (s.vote_entropy, want)
+
+
+@backends
+@modes
+@pytest.mark.parametrize("E", [2, 3, 5, 7, 16, 20])
+def test_vote_entropy_of_an_even_split_is_log_e(backend, mode, E):
+    """E members, each voting for its own class: v_c = 1 for E classes, vote_entropy = log E."""
+    logits = _argmax_sequences_logits([list(range(E))], K=E + 1)
+    s = run_scoring(logits, None, backend, mode)
+    assert torch.equal(s.vote_entropy, f32(math.log(E))[None]), (E, s.vote_entropy)
+
+
+@backends
+@modes
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids(DTYPES))
+def test_vote_entropy_votes_follow_the_lowest_index_tie_rule(backend, mode, dtype):
+    """Three members; the first maximum of each row decides its vote.
+    Sample 0: rows (0, 2, 2), (0, 2, 0), (0, 2, 1) -> votes 1, 1, 1: unanimous, 0 (ties broken
+    upward would give 2, 1, 1 and H(2/3, 1/3)).
+    Sample 1: rows (3, 3, 0), (0, 1, 0), (0, 1, 0) -> votes 0, 1, 1: 2 for class 1, 1 for class 0,
+    -(2/3 log 2/3 + 1/3 log 1/3) (ties broken upward: unanimous)."""
+    rows = [
+        [[0, 2, 2], [3, 3, 0]],
+        [[0, 2, 0], [0, 1, 0]],
+        [[0, 2, 1], [0, 1, 0]],
+    ]
+    logits = torch.tensor(rows, dtype=dtype)  # [E = 3, N = 2, K = 3]
+    s = run_scoring(logits, None, backend, mode)
+    two_thirds = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    assert torch.equal(s.vote_entropy, torch.tensor([0.0, two_thirds], dtype=torch.float32)), s.vote_entropy
+    assert torch.equal(s.mode, torch.tensor([1, 1]))
+
+
+@backends
+@modes
+def test_vote_entropy_of_equal_count_multisets_is_bit_identical(backend, mode):
+    """E = 7, K = 9: the counts (3, 2, 1, 1) on different classes, in different member orders, in
+    every sample: one value, bit for bit (so top() breaks the tie by sample index), equal to
+    H(3/7, 2/7, 1/7, 1/7) by hand."""
+    import random
+
+    rng = random.Random(7)
+    sequences = []
+    for _ in range(24):
+        classes = rng.sample(range(9), 4)
+        votes = [classes[0]] * 3 + [classes[1]] * 2 + [classes[2], classes[3]]
+        rng.shuffle(votes)
+        sequences.append(votes)
+    logits = _argmax_sequences_logits(sequences, K=9)
+    s = run_scoring(logits, None, backend, mode)
+    want = f32(h(3 / 7, 2 / 7, 1 / 7, 1 / 7))
+    assert torch.equal(s.vote_entropy, want.expand(24)), s.vote_entropy
+    assert s.top(5, by="vote_entropy").tolist() == [0, 1, 2, 3, 4]
+
+
+def _partitions(n: int, largest: int | None = None):
+    """Every multiset of positive counts summing to n (integer partitions), largest part first."""
+    largest = n if largest is None else largest
+    if n == 0:
+        yield []
+        return
+    for part in range(min(n, largest), 0, -1):
+        for rest in _partitions(n - part, part):
+            yield [part, *rest]
+
+
+@backends
+@pytest.mark.parametrize("mode", ["fused", "stream"])
+@pytest.mark.parametrize("E", [1, 2, 4, 6, 9, 12])
+def test_vote_entropy_of_every_count_multiset(backend, mode, E):
+    """Every multiset of vote counts of E members (every partition of E: 77 of them for E = 12),
+    one sample each, its classes scattered over K = E + 3: vote_entropy is the float32 nearest to
+    the exact value (decimal arithmetic, tests/helpers.py exact_vote_entropy)."""
+    from helpers import exact_vote_entropy
+
+    import random
+
+    rng = random.Random(E)
+    K = E + 3
+    sequences, want = [], []
+    for counts in _partitions(E):
+        classes = rng.sample(range(K), len(counts))
+        votes = [c for c, v in zip(classes, counts) for _ in range(v)]
+        rng.shuffle(votes)
+        sequences.append(votes)
+        want.append(exact_vote_entropy(counts))
+    s = run_scoring(_argmax_sequences_logits(sequences, K), None, backend, mode)
+    want = torch.tensor(want, dtype=torch.float32)
+    if backend == "reference":  # float64 -p log p summed, then rounded: one ulp (tests/helpers.py)
+        from helpers import assert_within_one_ulp
+
+        assert_within_one_ulp(s.vote_entropy, want.double(), "vote_entropy")
+    else:
+        assert torch.equal(s.vote_entropy, want), (s.vote_entropy, want)

@@ -82,7 +82,7 @@ def test_files_that_disagree_and_budgets_too_small_are_refused(tmp_path):
         score_files([a, tmp_path / "junk.npy"])
     with pytest.raises(ValueError, match="no logit files"):
         score_files([])
-    # Scores of 50 samples take 50 x 56 bytes; one more sample of 1 member needs 2 x 8 + 64 bytes.
+    # Scores of 50 samples take 50 x 60 bytes; one more sample of 1 member needs 2 x 8 + 68 bytes.
     need = 50 * OUTPUT_BYTES + bytes_per_chunk_sample(1, 8)
     assert score_files([a], max_memory=need).num_samples == 50
     with pytest.raises(ValueError, match=f"too small.*at least {need} bytes"):
@@ -99,6 +99,24 @@ def test_invalid_logits_are_reported_at_their_file_row(tmp_path):
     labels[130] = 5
     with pytest.raises(ValueError, match="sample 130"):
         score_files(write_members(tmp_path, torch.zeros(3, 200, 5)), labels=labels, chunk_samples=64)
+
+
+def test_the_first_invalid_row_is_member_major_across_chunks(tmp_path):
+    """docs/contract.md section 4: the lowest member wins over the lowest sample, whichever chunk
+    holds it. Chunk 0 has an offender at member 2, chunk 2 one at member 1 (reported), chunk 3
+    one at member 1 of a later sample (not reported). Scoring used to stop at the first chunk
+    that failed and report (2, 10)."""
+    logits = torch.zeros(3, 200, 5)
+    logits[2, 10, 0] = float("nan")
+    logits[1, 150, :] = float("-inf")
+    logits[1, 199, 3] = float("inf")
+    paths = write_members(tmp_path, logits)
+    with pytest.raises(ValueError, match=r"^invalid input: row of all -inf logits at member 1, sample 150$"):
+        score_files(paths, chunk_samples=64)
+    logits[0, 190, 1] = float("nan")  # member 0, in the last chunk: lower than every other
+    paths = write_members(tmp_path, logits)
+    with pytest.raises(ValueError, match=r"^invalid input: NaN logit at member 0, sample 190$"):
+        score_files(paths, chunk_samples=64)
 
 
 PROBE = r"""

@@ -340,6 +340,55 @@ def test_property_streaming_matches_reference_and_fused(backend, case, order_see
     assert_streaming_matches_fused(streamed, ensel.score(logits, labels=labels, backend=backend), K)
 
 
+@st.composite
+def committees(draw):
+    """[E, N, K] logits whose every row has one maximum, on a member-chosen class among the first
+    few (many samples share a vote count multiset), in any dtype; and permutations of the classes
+    and of the members."""
+    E = draw(st.integers(1, 12))
+    N = draw(st.integers(1, 30))
+    K = draw(st.integers(1, 70))
+    dtype = draw(DTYPE_STRATEGY)
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    winners = torch.randint(0, min(K, draw(st.integers(1, 5))), (E, N), generator=g)
+    logits = torch.rand(E, N, K, generator=g, dtype=torch.float64)  # below 1: the winner's 2 is unique
+    logits.scatter_(2, winners[..., None], 2.0)
+    if draw(st.booleans()):
+        logits[torch.rand(E, N, K, generator=g) < 0.3] = float("-inf")
+        logits.scatter_(2, winners[..., None], 2.0)
+    classes = torch.randperm(K, generator=g)
+    members = torch.randperm(E, generator=g)
+    return logits.to(dtype), classes, members
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=committees(), stream=st.booleans())
+def test_property_vote_entropy_depends_on_the_vote_counts_only(backend, case, stream):
+    """vote_entropy bit for bit under a permutation of the classes (each row's unique maximum moves
+    with its class, so the count multiset stays) and of the members (a reordered stream), fused
+    and streamed; equal count multisets among the samples give equal bits."""
+    logits, classes, members = case
+    E, N, K = logits.shape
+
+    def vote_entropy(x):
+        if not stream:
+            return ensel.score(x, backend=backend).vote_entropy
+        acc = ensel.Accumulator(N, K, backend=backend)
+        for member in x:
+            acc.update(member)
+        return acc.finalize().vote_entropy
+
+    base = vote_entropy(logits)
+    assert torch.equal(vote_entropy(logits[:, :, classes]), base)
+    assert torch.equal(vote_entropy(logits[members]), base)
+    assert torch.equal(vote_entropy(logits[members][:, :, classes]), base)
+    signature = [tuple(sorted(torch.bincount(logits[:, n].argmax(-1), minlength=K).tolist())) for n in range(N)]
+    for n in range(N):
+        for m in range(n):
+            if signature[n] == signature[m]:
+                assert base[n].item() == base[m].item() and torch.equal(base[n], base[m]), (n, m)
+
+
 def _tampered(tmp_path, field, index, value):
     """A saved state with one value of one field changed, written back as a valid torch file."""
     payload = torch.load(_saved_state(tmp_path), weights_only=True)

@@ -9,7 +9,7 @@ import torch
 import ensel
 from helpers import BACKENDS, make_labels, make_logits
 
-HIGH = ["entropy", "mean_entropy", "mutual_info", "variation_ratio", "least_confidence"]
+HIGH = ["entropy", "mean_entropy", "mutual_info", "variation_ratio", "vote_entropy", "least_confidence"]
 HIGH_LABELLED = ["error_count", "forgetting", "nll"]
 
 
@@ -45,7 +45,7 @@ def test_top_picks_lowest_margin():
     assert s.top(3, by="margin").tolist() == [4, 2, 5]
 
 
-@pytest.mark.parametrize("by", ["entropy", "margin", "forgetting", "variation_ratio"])
+@pytest.mark.parametrize("by", ["entropy", "margin", "forgetting", "variation_ratio", "vote_entropy"])
 def test_ties_go_to_the_lowest_index(by):
     values = [0.5, 0.25, 0.5, 0.75, 0.25, 0.5, 0.75, 0.25]
     if by == "forgetting":

@@ -14,6 +14,7 @@ without the interpreter; that needs no GPU.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import subprocess
@@ -29,6 +30,7 @@ from helpers import (
     assert_matches_reference,
     assert_scores_equal,
     assert_streaming_matches_fused,
+    expected_vote_entropy,
     feed,
     make_labels,
     make_logits,
@@ -149,6 +151,37 @@ def test_mode_tie_across_blocks_of_members(chunked, monkeypatch):
         s = run_scoring(logits, None, backend="triton", mode=mode)
         assert s.mode.tolist() == [5, 5] and s.mode_votes.tolist() == [2, 2], mode
         assert_matches_reference(s, logits)
+        # counts (2, 2, 1) summed over blocks of 2 members, in either member order: equal bits
+        want = -(2 * 0.4 * math.log(0.4) + 0.2 * math.log(0.2))
+        assert torch.equal(s.vote_entropy, torch.tensor([want, want], dtype=torch.float32)), mode
+
+
+# (path, E, K, MODE_BLOCK_E): the one-hot votes of the fused tile and of the streaming finalize
+# (K <= 64), the pairwise counts of the streaming finalize (K > 64) and of the chunk path, over
+# one or several blocks of members.
+VOTE_PATHS = [("tile", 9, 7, 64), ("tile", 20, 100, 64), ("tile", 20, 100, 4), ("chunk", 9, 80, 64),
+              ("chunk", 13, 80, 4)]
+
+
+@pytest.mark.parametrize("path, E, K, block_e", VOTE_PATHS, ids=[f"{p}-E{e}-K{k}-B{b}" for p, e, k, b in VOTE_PATHS])
+def test_vote_entropy_is_exact_on_every_path(request, monkeypatch, path, E, K, block_e):
+    """vote_entropy is the float32 nearest to the exact entropy of the votes (decimal arithmetic),
+    fused and streamed, whichever way the kernel counts; equal count multisets in another class
+    order (the classes permuted: unique maxima, so the votes follow) give the same bits."""
+    if path == "chunk":
+        request.getfixturevalue("chunked")
+    monkeypatch.setattr(launch, "MODE_BLOCK_E", block_e)
+    g = torch.Generator().manual_seed(E * K)
+    N = 6
+    winners = torch.randint(0, 3, (E, N), generator=g)  # 3 candidate classes: many equal multisets
+    logits = torch.rand(E, N, K, generator=g)
+    logits.scatter_(2, winners[..., None], 2.0)
+    logits = torch.cat([logits, logits[:, :, torch.randperm(K, generator=g)]], dim=1)  # samples N..2N-1
+    want = expected_vote_entropy(logits)
+    assert torch.equal(want[:N], want[N:])
+    for mode in ("fused", "stream"):
+        got = run_scoring(logits, None, backend="triton", mode=mode).vote_entropy
+        assert torch.equal(got, want), (mode, got, want)
 
 
 @pytest.mark.parametrize("K", [5, 65])
@@ -231,10 +264,20 @@ def test_label_fields_without_labels_match_the_reference_backend():
         logits = logits.to(DEVICE)
     floats, ints = _backend.fused(logits, None)
     want_floats, want_ints = ensel.backends.get("reference").fused(logits, None)
-    assert floats.shape == (8, 10) and floats.dtype == torch.float32
+    assert floats.shape == (9, 10) and floats.dtype == torch.float32
     assert ints.shape == (3, 10) and ints.dtype == torch.int64
     assert torch.equal(ints.cpu(), want_ints.cpu())
-    assert torch.isnan(floats[6:]).all() and torch.isnan(want_floats[6:]).all()
+    label_rows = [ensel._fields.FLOAT_FIELDS.index(name) for name in ("error_count", "nll")]
+    assert torch.isnan(floats[label_rows]).all() and torch.isnan(want_floats[label_rows]).all()
+    others = [i for i in range(9) if i not in label_rows]  # vote_entropy among them: no labels needed
+    assert not torch.isnan(floats[others]).any()
+    from ensel.kernels import _rowmath
+
+    assert _rowmath.NUM_FLOAT_FIELDS == len(ensel._fields.FLOAT_FIELDS)
+    assert _rowmath.NUM_INT_FIELDS == len(ensel._fields.INT_FIELDS)
+    for fields in (ensel._fields.FLOAT_FIELDS, ensel._fields.INT_FIELDS):
+        for i, name in enumerate(fields):  # the kernels' column constants, by name
+            assert getattr(_rowmath, name.upper()).value == i, name
 
 
 # ----------------------------------------------------------------------------- invalid input
@@ -349,6 +392,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
         "inv_sum_ptr": "*fp32", "argmax_ptr": "*i32", "members_ptr": "*i32", "pbar_sum_ptr": "*fp32",
         "entropy_sum_ptr": "*fp32", "history_ptr": "*i32", "correct_ptr": "*i32",
         "last_correct_ptr": "*i32", "forgetting_ptr": "*i32", "nll_max_ptr": "*fp32", "nll_sum_ptr": "*fp32",
+        "vote_log_ptr": "*i64",
     }
 
     def compile_for(kernel, dtype, constexprs, num_warps, arch):

@@ -99,8 +99,10 @@ struct TileSamples {
         continue;
       }
       int32_t mode, votes;
-      mode_of(argmax.data() + b * E, 1, static_cast<int32_t>(E), counts.data(), mode, votes);
-      write_scores(out, n, K, static_cast<int32_t>(E), summary(b), entropy_sum[b], mode, votes,
+      int64_t vote_log_sum;
+      mode_of(argmax.data() + b * E, 1, static_cast<int32_t>(E), counts.data(), out.vote_log, mode, votes,
+              vote_log_sum);
+      write_scores(out, n, K, static_cast<int32_t>(E), summary(b), entropy_sum[b], mode, votes, vote_log_sum,
                    has_labels ? &label_state[b] : nullptr);
     }
   }
@@ -366,10 +368,11 @@ ENSEL_TARGET_CLONES void finalize_range(const StreamState& s, int32_t E, ScoreOu
   std::vector<int32_t> counts(K, 0);
   for (int64_t n = begin; n < end; ++n) {
     int32_t mode, votes;
-    mode_of(s.argmax_history + n, N, E, counts.data(), mode, votes);
+    int64_t vote_log_sum;
+    mode_of(s.argmax_history + n, N, E, counts.data(), out.vote_log, mode, votes, vote_log_sum);
     LabelState st;
     if (s.labels != nullptr) st = s.load_label_state(n);
-    finalize_sample(s.pbar_sum + n * K, K, E, s.entropy_sum[n], mode, votes,
+    finalize_sample(s.pbar_sum + n * K, K, E, s.entropy_sum[n], mode, votes, vote_log_sum,
                     s.labels != nullptr ? &st : nullptr, out, n);
   }
 }

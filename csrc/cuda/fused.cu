@@ -19,7 +19,7 @@ struct FusedParams {
   int32_t K;
   int64_t member_stride, sample_stride;  // elements; class stride 1
   const int64_t* labels;                 // [N] or null
-  ScoreOutputs out;                      // floats [8, N], ints [3, N]
+  ScoreOutputs out;                      // floats [9, N], ints [3, N]; out.vote_log [E + 1]
   unsigned long long* failure;
   bool vec;  // every row base aligned for vector chunk loads
 };
@@ -133,14 +133,18 @@ __global__ void __launch_bounds__(kGroupThreads, 2) fused_group_kernel(FusedPara
     }
     parts = group_reduce<G>(parts, PbarPartsOp());
     unsigned long long best = 0;
+    long long vote_log_sum = 0;  // sum_c v_c L[v_c]: an integer, so the lanes' order does not matter
     for (int32_t k = lane_in_group; k < K; k += G) {
-      const unsigned long long key = vote_key(votes[k], k);
+      const int32_t v = votes[k];
+      const unsigned long long key = vote_key(v, k);
       best = key > best ? key : best;
+      if (v != 0) vote_log_sum += static_cast<long long>(v) * p.out.vote_log[v];
     }
     best = group_reduce<G>(best, MaxOp());
+    vote_log_sum = group_reduce<G>(vote_log_sum, SumOp());
     if (!dead && lane_in_group == 0) {
       write_scores(p.out, n, K, static_cast<int32_t>(p.E), PbarSummary{parts.neg_entropy, parts.top.top1, parts.top.top2},
-                   entropy_sum, vote_key_class(best), vote_key_votes(best),
+                   entropy_sum, vote_key_class(best), vote_key_votes(best), vote_log_sum,
                    p.labels != nullptr ? &label_state : nullptr);
     }
     __syncwarp();  // every lane has read the votes before the next tile clears them
@@ -232,16 +236,21 @@ __global__ void __launch_bounds__(kBlockThreads) fused_block_kernel(FusedParams 
     for (int32_t e = threadIdx.x; e < E; e += kBlockThreads) atomicAdd(counts + argmaxes[e], 1);
     __syncthreads();
     unsigned long long best = 0;
+    unsigned long long vote_log_sum = 0;  // sum_e L[c_e] (row.h vote_entropy_of): exact in any order
     for (int32_t e = threadIdx.x; e < E; e += kBlockThreads) {
       const int32_t c = argmaxes[e];
-      const unsigned long long key = vote_key(counts[c], c);
+      const int32_t v = counts[c];
+      const unsigned long long key = vote_key(v, c);
       best = key > best ? key : best;
+      vote_log_sum += static_cast<unsigned long long>(p.out.vote_log[v]);
     }
     best = block_reduce(best, MaxOp(), 0ull, vote_scratch);
+    vote_log_sum = block_reduce(vote_log_sum, SumOp(), 0ull, vote_scratch);  // ends on a barrier: counts are read
     for (int32_t e = threadIdx.x; e < E; e += kBlockThreads) counts[argmaxes[e]] = 0;  // pbar = 0 again
     if (threadIdx.x == 0) {
       write_scores(p.out, n, K, E, PbarSummary{parts.neg_entropy, parts.top.top1, parts.top.top2}, entropy_sum,
-                   vote_key_class(best), vote_key_votes(best), p.labels != nullptr ? &label_state : nullptr);
+                   vote_key_class(best), vote_key_votes(best), static_cast<int64_t>(vote_log_sum),
+                   p.labels != nullptr ? &label_state : nullptr);
     }
     __syncthreads();  // counters cleared before the next sample adds probabilities
   }

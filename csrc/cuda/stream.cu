@@ -187,18 +187,23 @@ __global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(StreamState 
     for (int32_t e = threadIdx.x; e < E; e += kFinalizeThreads) atomicAdd(counts + history[e * N], 1);
     __syncthreads();
     unsigned long long best = 0;
+    unsigned long long vote_log_sum = 0;  // sum_e L[c_e] (row.h vote_entropy_of): exact in any order
     for (int32_t e = threadIdx.x; e < E; e += kFinalizeThreads) {
       const int32_t c = history[e * N];
-      const unsigned long long key = vote_key(counts[c], c);
+      const int32_t v = counts[c];
+      const unsigned long long key = vote_key(v, c);
       best = key > best ? key : best;
+      vote_log_sum += static_cast<unsigned long long>(out.vote_log[v]);
     }
-    best = block_reduce(best, MaxOp(), 0ull, vote_scratch);  // ends on a barrier: counts are read
+    best = block_reduce(best, MaxOp(), 0ull, vote_scratch);
+    vote_log_sum = block_reduce(vote_log_sum, SumOp(), 0ull, vote_scratch);  // ends on a barrier: counts are read
     for (int32_t e = threadIdx.x; e < E; e += kFinalizeThreads) counts[history[e * N]] = 0;
     if (threadIdx.x == 0) {
       LabelState st;
       if (s.labels != nullptr) st = s.load_label_state(n);
       write_scores(out, n, K, E, PbarSummary{parts.neg_entropy, parts.top.top1, parts.top.top2}, s.entropy_sum[n],
-                   vote_key_class(best), vote_key_votes(best), s.labels != nullptr ? &st : nullptr);
+                   vote_key_class(best), vote_key_votes(best), static_cast<int64_t>(vote_log_sum),
+                   s.labels != nullptr ? &st : nullptr);
     }
     __syncthreads();  // counters cleared before the next sample counts
   }

@@ -151,12 +151,18 @@ def shard_dir(base: Path, ctx: Context) -> Path:
     return base / f"world{ctx.world}-rank{ctx.rank}" if ctx.distributed else base
 
 
-def score(env: Env, stage: Path, subset: np.ndarray) -> tuple[np.ndarray, Scores]:
+def score(env: Env, stage: Path, subset: np.ndarray, need: str | None = None) -> tuple[np.ndarray, Scores]:
     """The acquisition ensemble of `stage` (its runs) scores the pool samples outside `subset`:
-    returns those samples (sorted) and their scores, on every rank."""
+    returns those samples (sorted) and their scores, on every rank. `need`: the score the caller
+    selects by; a saved scores.pt that predates it is refused (see `_scores_from`)."""
     out = stage / "acquisition"
     if env.rundir.exists(out / "scores.pt"):
         saved = torch.load(out / "scores.pt", map_location="cpu", weights_only=True)
+        if need in _ADDED_FIELDS and need not in saved["fields"]:
+            raise ValueError(
+                f"{out / 'scores.pt'} was written before the score {need!r} existed; delete it to score "
+                f"{env.name(stage)}'s acquisition ensemble again (its checkpoints are kept)"
+            )
         return saved["indices"].numpy(), _scores_from(saved)
     cfg, ctx = env.cfg, env.ctx
     candidates = np.setdiff1d(np.arange(env.data.num_train), subset)
@@ -174,7 +180,7 @@ def score(env: Env, stage: Path, subset: np.ndarray) -> tuple[np.ndarray, Scores
     if bar is not None:
         bar.close()
     if ctx.distributed:
-        # N x 56 bytes (72 MB at ImageNet's 1.28M), received by every rank: kept for the report
+        # N x 60 bytes (77 MB at ImageNet's 1.28M), received by every rank: kept for the report
         # and for resuming; the selection itself only moves each rank's top candidates.
         scores = gather_scores(scores, ctx)
     if not ctx.is_main:
@@ -201,16 +207,29 @@ def _save_scores(out: Path, candidates: np.ndarray, scores: Scores, members: lis
     return _scores_from(payload)
 
 
+# Scores added after scores.pt files were first written, which such files lack.
+_ADDED_FIELDS = ("vote_entropy",)
+
+
 def _scores_from(saved: dict) -> Scores:
+    """The Scores of a scores.pt. One written before vote_entropy existed still loads, so that a
+    run started then resumes as it was, selecting what it would have (its methods cannot include
+    vote_entropy: a run directory's configuration is fixed). The saved scores cannot give
+    vote_entropy back (they hold the mode's votes, not every class's), so it is NaN, which
+    `Scores.top` and `global_top_k` refuse to rank; a selection by it from such a file (a stage
+    copied from an older run) is refused first by `score(need=...)`, naming the file to delete."""
     fields = dict(saved["fields"])
     for name in ("error_count", "forgetting", "nll"):
         fields.setdefault(name, None)
+    for name in _ADDED_FIELDS:
+        if name not in fields:
+            fields[name] = torch.full_like(fields["entropy"], float("nan"))
     return Scores(num_members=saved["num_members"], **fields)
 
 
 def acquire(env: Env, stage: Path, subset: np.ndarray, method: str, count: int) -> np.ndarray:
     """`count` new samples for `method` (a score name) from the acquisition ensemble of `stage`."""
-    candidates, scores = score(env, stage, subset)
+    candidates, scores = score(env, stage, subset, need=method)
     ctx = env.ctx
     if not ctx.distributed:
         picked = scores.top(count, by=method, exclude_top=env.cfg.exclude_top)

@@ -28,7 +28,7 @@ class Backend(Protocol):
     def available(self) -> bool: ...
 
     def fused(self, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed (floats [8, N] float32, ints [3, N] int64) scores of valid-shaped [E, N, K] logits;
+        """Packed (floats [9, N] float32, ints [3, N] int64) scores of valid-shaped [E, N, K] logits;
         raises the contract's ValueError on invalid values."""
 
     def update(self, state: StreamState, logits: torch.Tensor, start: int) -> None:

@@ -8,6 +8,7 @@ import torch
 from .._fields import FLOAT_FIELDS, INT_FIELDS
 from .._inputs import DTYPE_CODES, raise_invalid
 from .._state import StreamState
+from .._votes import vote_log_table
 
 try:
     from .. import _C
@@ -48,9 +49,11 @@ class CpuBackend:
         x = _rows_contiguous(logits)
         E, N, K = x.shape
         floats, ints = _outputs(N)
+        vote_log = vote_log_table(E)
         status = _C.fused_cpu(
             x.data_ptr(), DTYPE_CODES[x.dtype], E, N, K, x.stride(0), x.stride(1),
-            _labels_address(labels), floats.data_ptr(), ints.data_ptr(), torch.get_num_threads(),
+            _labels_address(labels), floats.data_ptr(), ints.data_ptr(), vote_log.data_ptr(),
+            torch.get_num_threads(),
         )  # fmt: skip
         raise_invalid(*status)
         return floats, ints
@@ -66,9 +69,10 @@ class CpuBackend:
 
     def finalize(self, state: StreamState, num_members: int):
         floats, ints = _outputs(state.num_samples)
+        vote_log = vote_log_table(num_members)
         _C.finalize_cpu(
             state.addresses(), state.num_samples, state.num_classes, state.capacity,
             _labels_address(state.labels), num_members, floats.data_ptr(), ints.data_ptr(),
-            torch.get_num_threads(),
+            vote_log.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return floats, ints

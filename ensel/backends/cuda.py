@@ -12,6 +12,7 @@ import torch
 from .._fields import FLOAT_FIELDS, INT_FIELDS
 from .._inputs import DTYPE_CODES, raise_invalid
 from .._state import StreamState
+from .._votes import vote_log_table
 
 try:
     from .. import _C
@@ -70,12 +71,13 @@ class CudaBackend:
         with torch.cuda.device(device):
             index = device.index if device.index is not None else torch.cuda.current_device()
             floats, ints = _outputs(N, device)
+            vote_log = vote_log_table(E, device)
             code = DTYPE_CODES[x.dtype]
             workspace = _workspace(_C.fused_cuda_workspace(code, E, N, K, index), device)
             status = _C.fused_cuda(
                 x.data_ptr(), code, E, N, K, x.stride(0), x.stride(1), _labels_address(labels),
-                floats.data_ptr(), ints.data_ptr(), workspace.data_ptr(), workspace.numel(), index,
-                _stream(device),
+                floats.data_ptr(), ints.data_ptr(), vote_log.data_ptr(), workspace.data_ptr(), workspace.numel(),
+                index, _stream(device),
             )  # fmt: skip
         raise_invalid(*status)
         return floats, ints
@@ -98,10 +100,11 @@ class CudaBackend:
         with torch.cuda.device(device):
             index = device.index if device.index is not None else torch.cuda.current_device()
             floats, ints = _outputs(state.num_samples, device)
+            vote_log = vote_log_table(num_members, device)
             workspace = _workspace(_C.finalize_cuda_workspace(state.num_samples, state.num_classes, index), device)
             _C.finalize_cuda(
                 state.addresses(), state.num_samples, state.num_classes, state.capacity,
                 _labels_address(state.labels), num_members, floats.data_ptr(), ints.data_ptr(),
-                workspace.data_ptr(), workspace.numel(), index, _stream(device),
+                vote_log.data_ptr(), workspace.data_ptr(), workspace.numel(), index, _stream(device),
             )  # fmt: skip
         return floats, ints

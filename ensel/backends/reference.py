@@ -78,6 +78,7 @@ class ReferenceBackend:
         counts.scatter_add_(1, history.T, torch.ones_like(history.T))
         votes, _ = counts.max(-1)
         mode = (counts == votes[:, None]).to(torch.int8).argmax(-1)
+        vote_share = counts.sort(-1).values.double() / E  # sorted: equal multisets, equal bits
         top = pbar.topk(min(2, state.num_classes), dim=-1).values
         values = {
             "entropy": entropy,
@@ -86,6 +87,7 @@ class ReferenceBackend:
             "mode": mode,
             "mode_votes": votes,
             "variation_ratio": (E - votes).double() / E,
+            "vote_entropy": -torch.special.xlogy(vote_share, vote_share).sum(-1),
             "margin": top[:, 0] - top[:, 1] if state.num_classes > 1 else torch.ones_like(entropy),
             "least_confidence": 1.0 - top[:, 0],
         }

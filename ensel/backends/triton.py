@@ -18,6 +18,7 @@ import torch
 
 from .._inputs import raise_invalid
 from .._state import StreamState
+from .._votes import vote_log_table
 from .cpu import _rows_contiguous
 
 @functools.cache
@@ -67,7 +68,7 @@ class TritonBackend:
     def fused(self, logits, labels):
         x = _rows_contiguous(logits)
         with _on_device(x):
-            floats, ints, failure = _launch().fused_scores(x, labels)
+            floats, ints, failure = _launch().fused_scores(x, labels, vote_log_table(x.shape[0], x.device))
         raise_invalid(*failure)
         return floats, ints
 
@@ -79,4 +80,4 @@ class TritonBackend:
 
     def finalize(self, state: StreamState, num_members: int):
         with _on_device(state.pbar_sum):
-            return _launch().stream_finalize(state, num_members)
+            return _launch().stream_finalize(state, num_members, vote_log_table(num_members, state.pbar_sum.device))

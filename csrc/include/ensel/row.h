@@ -8,6 +8,7 @@
 //   pbar = mean_e p_e,  entropy = H(pbar),  mean_entropy = mean_e H(p_e),
 //   mutual_info = max(entropy - mean_entropy, 0),  mode/mode_votes from the argmax votes,
 //   variation_ratio = (E - mode_votes) / E,  margin = pbar_(1) - pbar_(2),
+//   vote_entropy = -sum_c (v_c / E) log(v_c / E), exactly from the vote counts (vote_entropy_of),
 //   least_confidence = 1 - pbar_(1),  error_count = (E - #{a_e = y}) / E,
 //   forgetting = #{e >= 2 : a_(e-1) = y, a_e != y},
 //   nll = -log pbar_y = -(logsumexp_e log p_e,y - log E)  (in log space, so a tiny pbar_y
@@ -27,16 +28,30 @@ namespace ensel {
 // Column order of the float and integer outputs; must match ensel/_fields.py.
 enum FloatField : int32_t {
   kEntropy = 0, kMeanEntropy, kMutualInfo, kVariationRatio, kMargin, kLeastConfidence,
-  kErrorCount, kNll, kNumFloatFields
+  kErrorCount, kNll, kVoteEntropy, kNumFloatFields
 };
 enum IntField : int32_t { kMode = 0, kModeVotes, kForgetting, kNumIntFields };
 
-// Output rows of shape [kNum*Fields, N]; `stride` is N.
+// Output rows of shape [kNum*Fields, N]; `stride` is N. `vote_log` is what writing vote_entropy
+// reads: the fixed-point table [2^F, L[1], ..., L[E]], L[v] = round(log(v) 2^F), of
+// ensel/_votes.py (built once in Python for every backend; on the outputs' device).
 struct ScoreOutputs {
   float* floats;
   int64_t* ints;
   int64_t stride;
+  const int64_t* vote_log;
 };
+
+// vote_entropy = (E log E - sum_c v_c log v_c) / E from S = sum_c v_c L[v_c] = sum_e L[c_e]
+// (c_e: the votes of member e's class). S is an integer, exact in any order of classes, members
+// or threads, so equal count multisets give equal bits; then three correctly rounded steps
+// (int64 -> double, one division, double -> float), the same on every device (ensel/_votes.py).
+// E L[E] - S >= 0 since v_c <= E; it is 0 when every member votes alike.
+ENSEL_HD float vote_entropy_of(int64_t vote_log_sum, int32_t E, const int64_t* vote_log) {
+  const int64_t d = static_cast<int64_t>(E) * vote_log[E] - vote_log_sum;
+  return static_cast<float>(static_cast<double>(d) /
+                            (static_cast<double>(E) * static_cast<double>(vote_log[0])));
+}
 
 // Validates a row without computing anything else: NaN, +inf or all -inf are invalid.
 template <typename T>
@@ -154,14 +169,17 @@ ENSEL_HD void observe_label(LabelState& st, int32_t argmax, int64_t label, float
   }
 }
 
-// Mode of E member argmaxes (read at argmax[e * stride]); ties go to the lowest class.
+// Mode of E member argmaxes (read at argmax[e * stride]); ties go to the lowest class. Also
+// vote_log_sum = sum_e vote_log[c_e], what vote_entropy_of needs (vote_log: ScoreOutputs').
 // `counts` has K zeros on entry and is left zeroed: O(E) whatever K.
-ENSEL_HD void mode_of(const int32_t* argmax, int64_t stride, int32_t E, int32_t* counts,
-                      int32_t& mode, int32_t& votes) {
+ENSEL_HD void mode_of(const int32_t* argmax, int64_t stride, int32_t E, int32_t* counts, const int64_t* vote_log,
+                      int32_t& mode, int32_t& votes, int64_t& vote_log_sum) {
   for (int32_t e = 0; e < E; ++e) ++counts[argmax[e * stride]];
   int32_t best = argmax[0], best_votes = counts[best];
+  int64_t log_sum = vote_log[best_votes];
   for (int32_t e = 1; e < E; ++e) {
     const int32_t c = argmax[e * stride], v = counts[c];
+    log_sum += vote_log[v];
     if (v > best_votes || (v == best_votes && c < best)) {
       best = c;
       best_votes = v;
@@ -170,6 +188,7 @@ ENSEL_HD void mode_of(const int32_t* argmax, int64_t stride, int32_t E, int32_t*
   for (int32_t e = 0; e < E; ++e) counts[argmax[e * stride]] = 0;
   mode = best;
   votes = best_votes;
+  vote_log_sum = log_sum;
 }
 
 // What the scores need from pbar: -H(pbar) and its two largest entries.
@@ -205,8 +224,10 @@ ENSEL_HD PbarSummary summarize_pbar(const float* pbar_sum, int64_t K, float inv_
 }
 
 // The contract's scores of sample n (column n of `out`) from its sums over E members.
+// `vote_log_sum`: sum_e vote_log[c_e] (mode_of's; vote_entropy_of).
 ENSEL_HD void write_scores(ScoreOutputs out, int64_t n, int64_t K, int32_t E, PbarSummary pbar,
-                           float entropy_sum, int32_t mode, int32_t votes, const LabelState* label_state) {
+                           float entropy_sum, int32_t mode, int32_t votes, int64_t vote_log_sum,
+                           const LabelState* label_state) {
   const float inv_e = 1.0f / static_cast<float>(E);
   const float entropy = -pbar.neg_entropy > 0.0f ? -pbar.neg_entropy : 0.0f;
   const float mean_entropy = entropy_sum * inv_e;
@@ -218,6 +239,7 @@ ENSEL_HD void write_scores(ScoreOutputs out, int64_t n, int64_t K, int32_t E, Pb
   f[kMutualInfo * s] = mi > 0.0f ? mi : 0.0f;
   // (E - v) / E is one correctly rounded division: bit-identical in every backend.
   f[kVariationRatio * s] = static_cast<float>(E - votes) / static_cast<float>(E);
+  f[kVoteEntropy * s] = vote_entropy_of(vote_log_sum, E, out.vote_log);
   f[kMargin * s] = K > 1 ? pbar.top1 - pbar.top2 : 1.0f;  // K = 1: the contract's value
   f[kLeastConfidence * s] = 1.0f - pbar.top1;
   if (label_state != nullptr) {
@@ -234,10 +256,10 @@ ENSEL_HD void write_scores(ScoreOutputs out, int64_t n, int64_t K, int32_t E, Pb
 
 // Turns one sample's sums over its E members into the contract's scores (column n of `out`).
 ENSEL_HD void finalize_sample(const float* pbar_sum, int64_t K, int32_t E, float entropy_sum,
-                              int32_t mode, int32_t votes, const LabelState* label_state,
+                              int32_t mode, int32_t votes, int64_t vote_log_sum, const LabelState* label_state,
                               ScoreOutputs out, int64_t n) {
   const PbarSummary pbar = summarize_pbar(pbar_sum, K, 1.0f / static_cast<float>(E));
-  write_scores(out, n, K, E, pbar, entropy_sum, mode, votes, label_state);
+  write_scores(out, n, K, E, pbar, entropy_sum, mode, votes, vote_log_sum, label_state);
 }
 
 }  // namespace ensel
