@@ -34,6 +34,8 @@ def as_int(value, what: str, minimum: int | None = None) -> int:
     when whole (3.0): a count computed in floating point is a count that can be off by one."""
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise TypeError(f"{what}: expected an integer, got a bool ({value!r})")
+    if isinstance(value, torch.Tensor) and value.dim() != 0:  # a 1-element tensor has __index__ too
+        raise TypeError(f"{what}: expected an integer, got a {value.dim()}-D tensor")
     try:
         result = operator.index(value)
     except TypeError:
@@ -188,9 +190,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0 or (resolved.index is not None and resolved.index >= count):
             raise ValueError(f"device={device!r}: this machine has {count} CUDA device(s)")
-    elif resolved.type != "cpu":  # mps, xpu, ...: torch refuses an absent one only at first use
-        try:
-            torch.empty(0, device=resolved)
-        except RuntimeError as e:
-            raise ValueError(f"device={device!r}: not available here ({e})") from None
+    elif resolved.type != "cpu":  # mps, xpu, meta, ...: no backend of ensel's runs there
+        raise ValueError(f"device={device!r}: ensel runs on cpu or cuda devices")
     return resolved

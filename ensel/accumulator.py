@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import threading
 
 import torch
@@ -125,6 +126,12 @@ def _check_fields(path, payload: dict, n: int, k: int) -> None:
         t = payload.get(name)
         if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
             raise ValueError(f"{path}: state field {name!r} is missing or not a dense tensor")
+        # A tensor may be saved as one value stretched over the header's shape (stride 0), or on
+        # the meta device (no data at all): every later check or copy would then allocate what
+        # the header says. The file must hold every value it claims.
+        if t.device.type != "cpu" or not t.is_contiguous() or t.untyped_storage().nbytes() < t.numel() * t.element_size():
+            raise ValueError(f"{path}: state field {name!r} does not hold its values (a strided, expanded or "
+                             "dataless tensor)")
         shape, dtype = expected[name]
         if name == "argmax_history":  # [rows, N]: any number of rows
             ok, want = t.dim() == 2 and t.shape[1] == n, f"{dtype} [rows, {n}]"
@@ -339,8 +346,13 @@ class Accumulator:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise
+        except pickle.UnpicklingError as e:
+            # torch's own message advises loading with weights_only=False: never say that here.
+            raise ValueError(f"{path}: not an ensel accumulator state (it holds Python objects other than "
+                             "tensors, which are never unpickled)") from e
         except Exception as e:
-            raise ValueError(f"{path}: not a readable ensel accumulator state ({type(e).__name__}: {e})") from e
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ValueError(f"{path}: not a readable ensel accumulator state ({type(e).__name__}: {first})") from e
         n, k = _check_header(path, payload)
         saved_kind = payload.get("kind", "logits")
         if not isinstance(saved_kind, str) or saved_kind not in KINDS:

@@ -138,11 +138,16 @@ def load_array(path: str, what: str):
     """np.load of a file the user named (`--labels`, `--rows`, `--subset`): an unreadable or empty
     file is a ValueError naming it and the option (numpy says only "No data left in file")."""
     try:
-        return np.load(path)
+        return np.load(path)  # allow_pickle=False: a file of Python objects is refused, not run
     except OSError as e:
         raise ValueError(f"{what} {path}: {e.strerror or e}") from None
     except (ValueError, EOFError) as e:
-        raise ValueError(f"{what} {path}: not a readable .npy/.npz file ({e})") from None
+        # numpy's own message advises loading the file "unsafely using allow_pickle": never say that.
+        why = str(e)
+        if "allow_pickle" in why:  # a .npy of objects, or no .npy at all (numpy tried it as a pickle)
+            with open(path, "rb") as f:
+                why = "it holds Python objects" if f.read(6) == b"\x93NUMPY" else "not a .npy or .npz file"
+        raise ValueError(f"{what} {path}: not a readable .npy/.npz file of numbers ({why})") from None
 
 
 def load_indices(path: str, what: str, key: str | None = None):
@@ -200,6 +205,10 @@ def cmd_score(a) -> int:
         raise ValueError(f"{'--top-out' if a.top_out else '--rows'} needs --top")
     if a.out and a.top_out and Path(a.out).resolve() == Path(a.top_out).resolve():
         raise ValueError("--out and --top-out name the same file")
+    inputs = {Path(f).resolve(): f for f in [*a.files, *([a.labels] if a.labels else []), *([a.rows] if a.rows else [])]}
+    for option, target in (("--out", a.out), ("--top-out", a.top_out)):
+        if target and Path(target).resolve() in inputs:
+            raise ValueError(f"{option} {target}: that is an input of this command; it would be replaced")
 
     print(f"scoring {n} samples x {len(files)} members x {k} classes "
           f"({str(files[0].dtype).removeprefix('torch.')}) on {a.device}", flush=True)
@@ -207,10 +216,11 @@ def cmd_score(a) -> int:
     s = score_files(a.files, labels=labels, chunk_samples=a.chunk, device=a.device, backend=a.backend,
                     max_memory=a.max_memory)
     print(f"scored {s.num_samples} samples x {s.num_members} members in {time.perf_counter() - t0:.2f} s")
-    print(f"  {'score':<18}{'mean':>10}{'min':>10}{'max':>10}")
-    for name, v in s.to_dict().items():
-        v = v.double()
-        print(f"  {name:<18}{float(v.mean()):>10.4f}{float(v.min()):>10.4f}{float(v.max()):>10.4f}")
+    if s.num_samples:  # (no mean or min of no samples)
+        print(f"  {'score':<18}{'mean':>10}{'min':>10}{'max':>10}")
+        for name, v in s.to_dict().items():
+            v = v.double()
+            print(f"  {name:<18}{float(v.mean()):>10.4f}{float(v.min()):>10.4f}{float(v.max()):>10.4f}")
     if a.out:
         with atomic_write(a.out) as tmp:
             torch.save({"num_members": s.num_members, "fields": {k: v.cpu() for k, v in s.to_dict().items()}}, tmp)

@@ -96,9 +96,7 @@ def shutdown() -> None:
 def shard(n: int, rank: int, world: int) -> tuple[int, int]:
     """Rank `rank`'s contiguous range [start, stop) of n samples split over `world` ranks: the
     first n % world ranks hold one sample more; the ranges tile [0, n) in rank order."""
-    for name, v in (("n", n), ("rank", rank), ("world", world)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"shard({name}={v!r}): expected an int")
+    n, rank, world = (as_int(v, f"shard({name})") for name, v in (("n", n), ("rank", rank), ("world", world)))
     if n < 0 or world < 1 or not 0 <= rank < world:
         raise ValueError(f"shard(n={n}, rank={rank}, world={world}): expected n >= 0 and 0 <= rank < world")
     base, extra = divmod(n, world)

@@ -31,7 +31,11 @@ def reference_scores(logits: torch.Tensor, labels: torch.Tensor | None = None) -
 
     Invalid input is not checked here (see `first_invalid`); labels must lie in [0, K).
     """
+    if logits.dim() != 3:
+        raise ValueError(f"logits: expected [E, N, K], got shape {tuple(logits.shape)}")
     E, N, K = logits.shape
+    if E == 0 or K == 0:  # the contract's empty-input rule (docs/contract.md section 5)
+        raise ValueError(f"logits: there must be at least one member and one class, got shape {tuple(logits.shape)}")
     x = logits.to(torch.float64)
     p = torch.softmax(x, dim=-1)  # [E, N, K]; exp(-inf) = 0
     member_entropy = -torch.special.xlogy(p, p).sum(-1)  # [E, N]; 0 log 0 = 0

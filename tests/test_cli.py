@@ -40,6 +40,8 @@ def work(tmp_path, monkeypatch):
         np.save(f"m{i}.npy", rng.standard_normal((20, 4)).astype(np.float16))
     np.save("short.npy", np.zeros((19, 4), np.float16))
     np.save("y.npy", rng.integers(0, 4, 20))
+    pathlib.Path("text.npy").write_text("not numbers\n")
+    np.save("objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     np.save("yfloat.npy", rng.random(20))
     np.save("idx.npy", np.arange(20))
     np.savez("map.npz", other=np.arange(20))
@@ -84,6 +86,11 @@ BAD = {
         (["NO_EXTRA"], "pip install 'ensel[al]'"),  # MissingExtraError
     ],
     "run": [
+        (["--initial", "", "--out", "r"], "at least one size"),
+        (["--lr", "nan", "--out", "r"], "positive number"),
+        (["--lr", "-1", "--out", "r"], "positive number"),
+        (["--scheme", "pretrain", "--finetune-lr", "nan", "--out", "r"], "positive number"),
+        (["--device", "meta", "--out", "r"], "cpu or cuda"),
         (["--device", "bogus", "--out", "r"], "not a torch device"),  # RuntimeError, after config.json and a subset
         pytest.param(["--device", "cuda", "--out", "r"], "0 CUDA device(s)", marks=no_gpu),  # RuntimeError
         (["--device", "cuda:99", "--out", "r"], "CUDA device(s)"),
@@ -99,6 +106,12 @@ BAD = {
         (["--sizes", "0.2"], "required: --out"),
     ],
     "score": [
+        (["m0.npy", "m1.npy", "--out", "m1.npy"], "an input of this command"),
+        (["m0.npy", "m1.npy", "--labels", "y.npy", "--out", "y.npy"], "an input of this command"),
+        (["m0.npy", "--labels", "text.npy"], "not a .npy or .npz file"),
+        (["m0.npy", "--labels", "objects.npy"], "it holds Python objects"),
+        (["m0.npy", "--device", "xpu"], "cpu or cuda"),
+        (["m0.npy", "--device", "meta"], "cpu or cuda"),
         (["m0.npy", "m1.npy", "--labels", "yfloat.npy", "--out", "s.pt"], "integer dtype"),  # TypeError
         (["m0.npy", "--labels", "y.npy", "--out", "s.pt", "--top", "2", "--rows", "idx.npy"], "holding 'indices'"),  # IndexError
         (["m0.npy", "--top", "2", "--rows", "map.npz"], "holding 'indices'"),  # KeyError
@@ -318,3 +331,10 @@ def test_closed_pipe_ends_quietly(tmp_path):
     proc.wait(timeout=60)
     assert err == b""  # was: a BrokenPipeError traceback
     assert proc.returncode == 141  # 128 + SIGPIPE, as a shell reports a writer a closed pipe ended
+
+
+def test_score_of_files_without_samples(work, capsys):
+    np.save("none0.npy", np.zeros((0, 4), np.float32))
+    np.save("none1.npy", np.zeros((0, 4), np.float32))
+    assert _run(["score", "none0.npy", "none1.npy"]) == 0
+    assert "scored 0 samples x 2 members" in capsys.readouterr().out

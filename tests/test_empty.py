@@ -120,3 +120,8 @@ def test_no_classes_is_a_value_error(backend, n, tmp_path):
     (tmp_path / "m.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="K = 0"):
         ensel.score_files(tmp_path / "m.bin", shape=(n, 0), dtype="float32", backend=backend)
+
+
+def test_the_reference_refuses_no_members_like_every_backend():
+    with pytest.raises(ValueError, match="at least one member"):
+        ensel.reference_scores(torch.randn(0, 5, 4))

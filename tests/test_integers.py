@@ -122,3 +122,13 @@ def test_integral_but_out_of_range_is_a_value_error(tmp_path, arg, value):
     call = entry_points(tmp_path)[arg]
     with pytest.raises(ValueError):
         call(np.int64(value))
+
+
+def test_a_one_element_tensor_is_not_an_integer_and_shard_takes_numpy_integers():
+    with pytest.raises(TypeError, match="num_samples: expected an integer, got a 1-D tensor"):
+        ensel.Accumulator(torch.tensor([50]), 5)
+    from ensel.distributed import shard
+
+    assert shard(np.int64(10), np.int32(1), torch.tensor(2)) == (5, 10)
+    with pytest.raises(TypeError, match=r"shard\(n\)"):
+        shard(10.0, 0, 2)

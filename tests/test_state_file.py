@@ -178,3 +178,36 @@ def test_save_into_a_missing_folder_leaves_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
         acc.save(tmp_path / "missing" / "state.pt")
     assert os.listdir(tmp_path) == []
+
+
+def test_fields_that_do_not_hold_their_values_are_refused_before_any_copy(tmp_path):
+    """A field saved as one value stretched over the header's shape (stride 0) is a few bytes on
+    disk that every check or copy would expand to the full size: refused as it is read; and a
+    file of Python objects is refused without torch's advice to unpickle it."""
+    import pickle
+
+    acc = ensel.Accumulator(4, 3)
+    acc.update(torch.zeros(4, 3), start=0)
+    path = tmp_path / "s.pt"
+    acc.save(path)
+    payload = torch.load(path, weights_only=True)
+    n, k = 1 << 18, 1000
+    payload.update(num_samples=n, num_classes=k, labels=None)
+    payload["pbar_sum"] = torch.zeros(1, 1).expand(n, k)
+    for name in ("entropy_sum", "nll_sum"):
+        payload[name] = torch.zeros(1).expand(n)
+    payload["nll_max"] = torch.full((1,), float("-inf")).expand(n)
+    for name in ("members", "correct", "last_correct", "forgetting"):
+        payload[name] = torch.zeros(1, dtype=torch.int32).expand(n)
+    payload["argmax_history"] = torch.zeros(1, 1, dtype=torch.int32).expand(0, n)
+    tampered = tmp_path / "expanded.pt"
+    torch.save(payload, tampered)
+    assert tampered.stat().st_size < 100_000
+    with pytest.raises(ValueError, match=r"expanded\.pt: state field 'pbar_sum' does not hold its values"):
+        ensel.Accumulator.load(tampered)
+    code = tmp_path / "code.pt"
+    with open(code, "wb") as f:
+        pickle.dump({"format": print}, f)
+    with pytest.raises(ValueError, match="code.pt") as info:
+        ensel.Accumulator.load(code)
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value)

@@ -28,8 +28,11 @@ def _train_config(a):
                        lr=a.lr, batch_size=a.batch_size, keep=a.keep, validate_last=a.validate_last, amp=not a.no_amp)
 
 
-def _sizes(text: str):
-    return tuple(parse_size(s) for s in text.split(",") if s.strip())
+def _sizes(text: str, what: str):
+    sizes = tuple(parse_size(s) for s in text.split(",") if s.strip())
+    if not sizes:
+        raise ValueError(f"{what} {text!r}: give at least one size (a fraction 0.25 or 25%, or a count 300)")
+    return sizes
 
 
 def demo_config():
@@ -110,8 +113,8 @@ def _demo_consensus(exp, out: Path) -> None:
 def cmd_run(a) -> int:
     cfg = ExperimentConfig(
         data=a.data, data_root=a.data_root, image_size=a.image_size, workers=a.workers, scheme=a.scheme,
-        methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()), sizes=_sizes(a.sizes),
-        initial=_sizes(a.initial)[0], trials=a.trials, runs=a.runs, ensemble=a.ensemble, last=a.last,
+        methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()), sizes=_sizes(a.sizes, "--sizes"),
+        initial=_sizes(a.initial, "--initial")[0], trials=a.trials, runs=a.runs, ensemble=a.ensemble, last=a.last,
         stride=a.stride, exclude_top=a.exclude_top, full=not a.no_full, seed=a.seed, device=a.device,
         save_logits=a.save_logits, finetune_lr=a.finetune_lr, train=_train_config(a),
     )

@@ -40,6 +40,7 @@ every rank takes the same path through the collectives.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -110,6 +111,12 @@ class ExperimentConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be at least 1")
         if not 0.0 <= self.exclude_top < 1.0:
             raise ValueError(f"exclude_top={self.exclude_top!r}: expected a fraction in [0, 1)")
+        # (NaN would also never equal itself in config.json: a new directory would refuse its own run.)
+        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
+            raise ValueError(f"finetune_lr={self.finetune_lr!r}: a learning rate is a positive number")
+        if int(self.workers) < 0 or int(self.image_size) < 1:
+            raise ValueError(f"workers={self.workers!r}, image_size={self.image_size!r}: expected workers >= 0 "
+                             "and image_size >= 1")
 
     def to_dict(self) -> dict:
         return asdict(self)

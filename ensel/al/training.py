@@ -20,6 +20,7 @@ run killed at any point resumes from its last finished epoch and ends in the sam
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +71,8 @@ class TrainConfig:
             raise ValueError(f"validate_last={self.validate_last!r}: at least 1, or None for every epoch")
         if self.keep is not None and self.keep < 1:
             raise ValueError(f"keep={self.keep!r}: keep at least one checkpoint, or None for all")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # torch refuses it only when a run starts
+            raise ValueError(f"lr={self.lr!r}: a learning rate is a positive number")
         if self.checkpoint_dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"checkpoint_dtype={self.checkpoint_dtype!r}: float16, bfloat16 or float32")
         self.milestones = tuple(float(m) for m in self.milestones)
