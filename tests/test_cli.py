@@ -299,10 +299,17 @@ def test_help_shows_every_default(monkeypatch, capsys):
 # -- signals and pipes: a real process ----------------------------------------------------------------
 
 
+def _default_sigint():
+    # A process started with SIGINT ignored (a test run launched in the background by a shell
+    # without job control, as CI may be) passes that on, and Python then never raises
+    # KeyboardInterrupt: the child gets the default disposition, as a terminal's process has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _ensel(*args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "ENSEL_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "ensel", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, **kw)
+                            env=env, preexec_fn=_default_sigint, **kw)
 
 
 def test_ctrl_c_is_one_line_and_status_130(tmp_path):
