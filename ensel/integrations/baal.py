@@ -257,44 +257,42 @@ class BALD(_EnselHeuristic, _heuristics.BALD):
         return entropy - mean_entropy
 
 
-class Entropy(_EnselHeuristic, _heuristics.Entropy):
+class _OneScore(_EnselHeuristic):
+    """A heuristic that is one ensel field: of the mean member (definition="baal") or of the
+    ensemble (definition="ensel"). Subclasses name the field."""
+
+    field: str
+
+    def __init__(self, shuffle_prop=DEPRECATED, reduction="none", *, kind=None, definition="baal", backend="auto"):
+        super().__init__(shuffle_prop=shuffle_prop, reduction=reduction)
+        self._setup(kind, definition, backend)
+
+    @_require_single_item
+    def compute_score(self, predictions, target_predictions=None):
+        t, arr = self._prepare(predictions)
+        if t.shape[0] == 0:
+            return self._empty(t)
+        if self.definition == "ensel":
+            return self._members(t, arr, (self.field,))[0]
+        return self._mean_member(t, arr, self.field)
+
+
+class Entropy(_OneScore, _heuristics.Entropy):
     """Predictive entropy, high first (reverse=True). definition="baal" (default): baal's
     H(softmax(mean_i l_i)) on logits, H(pbar) on probabilities; "ensel": H(pbar), pbar the mean
     over iterations of each one's probabilities. Arguments as baal's `Entropy` plus `kind`,
     `definition`, `backend` (see `BALD`)."""
 
-    def __init__(self, shuffle_prop=DEPRECATED, reduction="none", *, kind=None, definition="baal", backend="auto"):
-        super().__init__(shuffle_prop=shuffle_prop, reduction=reduction)
-        self._setup(kind, definition, backend)
-
-    @_require_single_item
-    def compute_score(self, predictions, target_predictions=None):
-        t, arr = self._prepare(predictions)
-        if t.shape[0] == 0:
-            return self._empty(t)
-        if self.definition == "ensel":
-            return self._members(t, arr, ("entropy",))[0]
-        return self._mean_member(t, arr, "entropy")
+    field = "entropy"
 
 
-class Margin(_EnselHeuristic, _heuristics.Margin):
+class Margin(_OneScore, _heuristics.Margin):
     """Margin between the two most probable classes, low first (reverse=False).
     definition="baal" (default): of softmax(mean_i l_i) on logits, of pbar on probabilities;
     "ensel": pbar_(1) - pbar_(2). Arguments as baal's `Margin` plus `kind`, `definition`,
     `backend` (see `BALD`)."""
 
-    def __init__(self, shuffle_prop=DEPRECATED, reduction="none", *, kind=None, definition="baal", backend="auto"):
-        super().__init__(shuffle_prop=shuffle_prop, reduction=reduction)
-        self._setup(kind, definition, backend)
-
-    @_require_single_item
-    def compute_score(self, predictions, target_predictions=None):
-        t, arr = self._prepare(predictions)
-        if t.shape[0] == 0:
-            return self._empty(t)
-        if self.definition == "ensel":
-            return self._members(t, arr, ("margin",))[0]
-        return self._mean_member(t, arr, "margin")
+    field = "margin"
 
 
 class Certainty(_EnselHeuristic, _heuristics.Certainty):
