@@ -1,6 +1,7 @@
 // ensel._C: a torch-agnostic module. The Python layer validates tensors and passes raw pointers
 // (as integers), shapes, strides in elements and dtype codes; nothing here links libtorch.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 #include <tuple>
@@ -205,6 +206,9 @@ PYBIND11_MODULE(_C, m) {
       },
       "Adds one member's rows [start, start + rows) to the state, or nothing if any row is invalid.");
 
+  m.def("cpu_isas", &ensel::cpu_isas, "The CPU kernels' instruction-set levels this processor runs, lowest first.");
+  m.def("cpu_isa", &ensel::cpu_isa, "The level the CPU kernels use now.");
+  m.def("set_cpu_isa", &ensel::set_cpu_isa, "Switches the CPU kernels to a supported level; False if it is not one.");
   m.def(
       "finalize_cpu",
       [](const py::tuple& state, int64_t N, int64_t K, int64_t capacity, uintptr_t labels, int E,

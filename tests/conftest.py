@@ -26,6 +26,7 @@ settings.load_profile("ensel")
 
 
 def pytest_configure(config):
+    device_shim.install_cpu_isa_names()
     device_shim.install_if_requested()
 
 
@@ -38,3 +39,20 @@ def _no_backend_override(monkeypatch):
     """ENSEL_BACKEND from the caller's shell would silently change what "auto" tests; tests that
     exercise the variable set it themselves."""
     monkeypatch.delenv("ENSEL_BACKEND", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_isa_of_backend(request):
+    """A test parametrized with backend="cpu@avx2" runs with the CPU kernels at that level."""
+    callspec = getattr(request.node, "callspec", None)
+    level = device_shim.cpu_isa_of(callspec.params.get("backend")) if callspec is not None else None
+    if level is None:
+        yield
+        return
+    from ensel.backends import cpu
+
+    previous = cpu.use_isa(level)
+    try:
+        yield
+    finally:
+        cpu.use_isa(previous)

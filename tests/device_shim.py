@@ -25,6 +25,22 @@ from ensel._inputs import as_tensor
 DEVICE = torch.device(os.environ.get("ENSEL_TEST_DEVICE", "cpu"))
 
 
+# "cpu@avx2": the cpu backend with its kernels at another instruction-set level than the best
+# (csrc/cpu/isa.h). Each level this machine runs gets the whole suite: conftest.py switches the
+# level for a test whose `backend` parameter names one, and install_cpu_isa_names maps the name
+# to "cpu" in ensel.score and ensel.Accumulator.
+ISA_SEPARATOR = "@"
+
+
+def cpu_isa_variants() -> list[str]:
+    from ensel.backends import cpu
+
+    if not cpu.isa_levels():
+        return []
+    best = cpu.isa_levels()[-1]
+    return [f"cpu{ISA_SEPARATOR}{level}" for level in cpu.isa_levels() if level != best]
+
+
 def backends_under_test() -> list[str]:
     chosen = []
     for name in ensel.backends.names():
@@ -36,7 +52,51 @@ def backends_under_test() -> list[str]:
         if DEVICE.type != "cpu" and name == "reference":
             continue  # the oracle itself, already run on CPU
         chosen.append(name)
+        if name == "cpu":
+            chosen += cpu_isa_variants()
     return chosen
+
+
+def cpu_isa_of(backend) -> str | None:
+    """The level a "cpu@level" backend name asks for, else None."""
+    if isinstance(backend, str) and backend.startswith("cpu" + ISA_SEPARATOR):
+        return backend.split(ISA_SEPARATOR, 1)[1]
+    return None
+
+
+def install_cpu_isa_names() -> None:
+    real_score, real_score_files, RealAccumulator = ensel.score, ensel.score_files, ensel.Accumulator
+
+    def score(logits, labels=None, *, backend="auto", **options):
+        return real_score(logits, labels, backend="cpu" if cpu_isa_of(backend) else backend, **options)
+
+    def score_files(paths, labels=None, *, backend="auto", **options):
+        return real_score_files(paths, labels, backend="cpu" if cpu_isa_of(backend) else backend, **options)
+
+    class Accumulator(RealAccumulator):
+        """Takes "cpu@level" for "cpu" and reports the name it was given back."""
+
+        def __init__(
+            self, num_samples, num_classes, labels=None, device="cpu", backend="auto", num_members=None, **options
+        ):
+            self._asked_backend = backend
+            backend = "cpu" if cpu_isa_of(backend) else backend
+            super().__init__(num_samples, num_classes, labels, device, backend, num_members, **options)
+
+        @property
+        def backend(self):
+            asked = getattr(self, "_asked_backend", None)
+            return asked if cpu_isa_of(asked) else super().backend
+
+        @classmethod
+        def load(cls, path, device="cpu", backend="auto", **options):
+            loaded = RealAccumulator.load(path, device, "cpu" if cpu_isa_of(backend) else backend, **options)
+            loaded.__class__ = cls
+            loaded._asked_backend = backend
+            return loaded
+
+    Accumulator.__name__ = Accumulator.__qualname__ = "Accumulator"
+    ensel.score, ensel.score_files, ensel.Accumulator = score, score_files, Accumulator
 
 
 def _moves_to_device(backend: str | None) -> bool:

@@ -7,6 +7,7 @@ argmax history while another thread's kernel writes into the old one) is a segme
 which must fail a test rather than end the test run."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import time
 import pytest
 
 import ensel
+from device_shim import cpu_isa_of
 from helpers import BACKENDS, assert_matches_reference, assert_scores_equal, make_labels, make_logits
 
 THREADED = r"""
@@ -90,9 +92,13 @@ def test_threads_on_disjoint_rows_equal_the_serial_stream(backend):
     """4 threads, 40 members, history growth from the default capacity of 8: before the history
     growth was locked, this crashed (SIGSEGV) every time on the CPU backend."""
     N, K, E, T = (20_000, 10, 40, 4) if backend != "reference" else (4_000, 10, 24, 4)
+    env = dict(os.environ)
+    level = cpu_isa_of(backend)
+    if level is not None:  # the child runs the cpu backend at that level
+        backend, env["ENSEL_CPU_ISA"] = "cpu", level
     res = subprocess.run(
         [sys.executable, "-c", THREADED, backend, str(N), str(K), str(E), str(T)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert res.returncode == 0, f"exit status {res.returncode}\n{res.stderr[-3000:]}"
     out = json.loads(res.stdout.splitlines()[-1])

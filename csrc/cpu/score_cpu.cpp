@@ -4,19 +4,15 @@
 #include "score_cpu.h"
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <thread>
 #include <vector>
 
+#include "isa.h"
+
 namespace ensel {
 namespace {
-
-// The hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64; the loader picks one.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ENSEL_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ENSEL_TARGET_CLONES
-#endif
 
 // How many contiguous slices parallel_for cuts [0, n) into. Below `serial_below` items of work
 // a thread's start-up (tens of microseconds) costs more than it saves.
@@ -49,6 +45,33 @@ struct Rows {
   int64_t member_stride, sample_stride;
   const T* row(int64_t e, int64_t n) const { return base + e * member_stride + n * sample_stride; }
 };
+
+// What the row math reads a row of T as: float, or double for double rows (compared in double).
+template <typename T>
+using staged_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+
+// A row as the row math reads it: float and double rows in place; half and bfloat16 rows
+// converted into `buffer` (K floats) first, halves with F16C where the level has it. The
+// conversion is exact, so every level computes on the same floats.
+template <CpuIsa L, typename T>
+__attribute__((always_inline)) inline const staged_t<T>* stage_row(const T* row, int64_t K, float* buffer) {
+  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    return row;
+  } else {
+#if ENSEL_CPU_X86
+    if constexpr (std::is_same<T, Half>::value && L == kIsaAvx2) {
+      half_row_to_float_avx2(row, buffer, K);
+      return buffer;
+    } else if constexpr (std::is_same<T, Half>::value && L == kIsaAvx512) {
+      half_row_to_float_avx512(row, buffer, K);
+      return buffer;
+    }
+#endif
+    ENSEL_SIMD()
+    for (int64_t k = 0; k < K; ++k) buffer[k] = to_float(row[k]);
+    return buffer;
+  }
+}
 
 // Samples per tile: about 16 KB of float accumulators, at most 256 samples.
 int64_t tile_for(int64_t K) { return std::max<int64_t>(1, std::min<int64_t>(256, 4096 / K)); }
@@ -108,12 +131,12 @@ struct TileSamples {
   }
 };
 
-template <typename T>
+template <CpuIsa L, typename T>
 __attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t E, int64_t K,
                                                           const int64_t* labels, ScoreOutputs out,
                                                           int64_t begin, int64_t end) {
   const int64_t tile = tile_for(K);
-  std::vector<float> pbar(tile * K), scratch(K);
+  std::vector<float> pbar(tile * K), scratch(K), staged(K);
   TileSamples samples(tile, E, K);
   const float inv_e = 1.0f / static_cast<float>(E);
   Failure first;
@@ -128,7 +151,8 @@ __attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t 
         const int64_t n = t0 + b;
         const int64_t y = labels != nullptr ? labels[n] : -1;
         RowResult r{};
-        const Status st = process_row(rows.row(e, n), K, y, scratch.data(), pbar.data() + b * K, r);
+        const auto* row = stage_row<L>(rows.row(e, n), K, staged.data());
+        const Status st = process_row(row, K, y, scratch.data(), pbar.data() + b * K, r);
         samples.observe(b, e, st, r.argmax, r.entropy, y, r.log_p_label);
       }
     }
@@ -159,17 +183,19 @@ struct LaneTile {
   float m[B], s[B], t[B], inv_s[B], log_s[B];
   int32_t bad[B], a[B];
 
-  explicit LaneTile(int64_t classes) : K(classes), x(classes * B, 0.0f) {}
+  std::vector<float> staged;  // [K]: one row in float (stage_row)
+
+  explicit LaneTile(int64_t classes) : K(classes), x(classes * B, 0.0f), staged(classes) {}
 
   // Rows row_of(b) for b < nb; lanes >= nb compute on stale finite values and are never read.
   // The loops work on local arrays and a restrict pointer: the compiler must see that the lane
   // accumulators do not alias the tile, or it stops vectorizing (2.4x slower at K = 100).
-  template <typename T, typename RowOf>
+  template <CpuIsa L, typename T, typename RowOf>
   __attribute__((always_inline)) void load(RowOf row_of, int64_t nb) {
     const int32_t k_classes = static_cast<int32_t>(K);
     float* __restrict xs = x.data();
     for (int64_t b = 0; b < nb; ++b) {
-      const T* row = row_of(b);
+      const auto* row = stage_row<L>(row_of(b), K, staged.data());  // (double rows never get here)
       for (int64_t k = 0; k < K; ++k) xs[k * B + b] = to_float(row[k]);
     }
     float lm[B], ls[B], lt[B];
@@ -200,6 +226,7 @@ struct LaneTile {
         lt[b] += ex * d;
       }
     }
+    ENSEL_SIMD()
     for (int64_t b = 0; b < B; ++b) {
       m[b] = lm[b];
       s[b] = ls[b];
@@ -207,7 +234,7 @@ struct LaneTile {
       bad[b] = lbad[b];
       a[b] = la[b];
       inv_s[b] = 1.0f / ls[b];
-      log_s[b] = logf(ls[b]);
+      log_s[b] = log_approx(ls[b]);  // s >= 1 (the maximum contributes exp(0)): a normal float
     }
   }
 
@@ -223,7 +250,7 @@ struct LaneTile {
   }
 };
 
-template <typename T>
+template <CpuIsa L, typename T>
 __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, int64_t E, int64_t K,
                                                                 const int64_t* labels, ScoreOutputs out,
                                                                 int64_t begin, int64_t end) {
@@ -240,7 +267,7 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
     std::fill(pbar.begin(), pbar.end(), 0.0f);
     samples.reset();
     for (int64_t e = 0; e < E; ++e) {
-      tile.load<T>([&](int64_t b) { return rows.row(e, t0 + b); }, nb);
+      tile.load<L, T>([&](int64_t b) { return rows.row(e, t0 + b); }, nb);
       float inv_s[B];
       std::copy(tile.inv_s, tile.inv_s + B, inv_s);
       const float* __restrict xs = tile.x.data();
@@ -265,9 +292,10 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
       for (int64_t b = 0; b < B; ++b) {
         const float p = pk[b] * inv_e;
         neg_h[b] += xlogx(p);
-        const bool above1 = p > top1[b];
-        top2[b] = above1 ? top1[b] : (p > top2[b] ? p : top2[b]);
-        top1[b] = above1 ? p : top1[b];
+        // max/min, not nested selects, so that the loop vectorizes (p is never NaN here).
+        const float low = p < top1[b] ? p : top1[b];
+        top2[b] = low > top2[b] ? low : top2[b];
+        top1[b] = p > top1[b] ? p : top1[b];
       }
     }
     samples.finish(t0, nb, K, labels != nullptr, out,
@@ -277,7 +305,7 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
 }
 
 // The streaming update of rows that check_range has validated, lane-parallel.
-template <typename T>
+template <CpuIsa L, typename T>
 __attribute__((always_inline)) inline void update_range_lanes(const StreamState& s, Rows<T> rows, int64_t K,
                                                               int64_t start, int64_t begin, int64_t end) {
   constexpr int64_t B = kLanes;
@@ -285,7 +313,7 @@ __attribute__((always_inline)) inline void update_range_lanes(const StreamState&
   const int64_t N = s.num_samples;
   for (int64_t t0 = begin; t0 < end; t0 += B) {
     const int64_t nb = std::min(B, end - t0);
-    tile.load<T>([&](int64_t b) { return rows.row(0, t0 + b); }, nb);
+    tile.load<L, T>([&](int64_t b) { return rows.row(0, t0 + b); }, nb);
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t n = start + t0 + b;
       float* p = s.pbar_sum + n * K;
@@ -303,27 +331,28 @@ __attribute__((always_inline)) inline void update_range_lanes(const StreamState&
   }
 }
 
-template <typename T>
+template <CpuIsa L, typename T>
 __attribute__((always_inline)) inline Failure check_range(const StreamState& s, Rows<T> rows, int64_t K,
                                                           int64_t start, int64_t begin, int64_t end) {
   Failure first;
+  std::vector<float> staged(K);
   for (int64_t i = begin; i < end; ++i) {
-    compute_t<T> m;
-    const Status st = check_row(rows.row(0, i), K, m);
+    staged_t<T> m;
+    const Status st = check_row(stage_row<L>(rows.row(0, i), K, staged.data()), K, m);
     const Failure f{st, s.members[start + i], start + i};
     if (earlier(f, first)) first = f;
   }
   return first;
 }
 
-template <typename T>
+template <CpuIsa L, typename T>
 __attribute__((always_inline)) inline void update_range(const StreamState& s, Rows<T> rows, int64_t K,
                                                         int64_t start, int64_t begin, int64_t end) {
-  std::vector<float> scratch(K);
+  std::vector<float> scratch(K), staged(K);
   const int64_t N = s.num_samples;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t n = start + i;
-    const T* row = rows.row(0, i);
+    const auto* row = stage_row<L>(rows.row(0, i), K, staged.data());
     RowResult r{};
     const int64_t y = s.labels != nullptr ? s.labels[n] : -1;
     process_row(row, K, y, scratch.data(), s.pbar_sum + n * K, r);  // validated by check_range
@@ -338,32 +367,27 @@ __attribute__((always_inline)) inline void update_range(const StreamState& s, Ro
   }
 }
 
-// One cloned entry point per kernel and dtype; the templates above inline into each clone.
-#define ENSEL_CPU_KERNELS(T, SUFFIX)                                                                 \
-  ENSEL_TARGET_CLONES Failure fused_##SUFFIX(Rows<T> rows, int64_t E, int64_t K, const int64_t* labels, \
-                                             ScoreOutputs out, int64_t begin, int64_t end) {           \
-    return use_lanes<T>(K) ? fused_range_lanes<T>(rows, E, K, labels, out, begin, end)                  \
-                            : fused_range<T>(rows, E, K, labels, out, begin, end);                     \
-  }                                                                                                    \
-  ENSEL_TARGET_CLONES Failure check_##SUFFIX(const StreamState& s, Rows<T> rows, int64_t K,             \
-                                             int64_t start, int64_t begin, int64_t end) {              \
-    return check_range<T>(s, rows, K, start, begin, end);                                              \
-  }                                                                                                    \
-  ENSEL_TARGET_CLONES void update_##SUFFIX(const StreamState& s, Rows<T> rows, int64_t K, int64_t start, \
-                                           int64_t begin, int64_t end) {                               \
-    if (use_lanes<T>(K))                                                                               \
-      update_range_lanes<T>(s, rows, K, start, begin, end);                                            \
-    else                                                                                               \
-      update_range<T>(s, rows, K, start, begin, end);                                                  \
-  }
+// The entry points of one ISA level: per dtype, the fused pass, the streaming check and update;
+// and the finalize. The templates above inline into each, compiled for the level's TARGET.
+using FusedFn = Failure (*)(LogitsView, int64_t, int64_t, const int64_t*, ScoreOutputs, int64_t, int64_t);
+using CheckFn = Failure (*)(const StreamState&, LogitsView, int64_t, int64_t, int64_t, int64_t);
+using UpdateFn = void (*)(const StreamState&, LogitsView, int64_t, int64_t, int64_t, int64_t);
+using FinalizeFn = void (*)(const StreamState&, int32_t, ScoreOutputs, int64_t, int64_t);
 
-ENSEL_CPU_KERNELS(float, f32)
-ENSEL_CPU_KERNELS(Half, f16)
-ENSEL_CPU_KERNELS(BFloat16, bf16)
-ENSEL_CPU_KERNELS(double, f64)
+struct Kernels {
+  FusedFn fused[4];  // by DType code
+  CheckFn check[4];
+  UpdateFn update[4];
+  FinalizeFn finalize;
+};
 
-ENSEL_TARGET_CLONES void finalize_range(const StreamState& s, int32_t E, ScoreOutputs out, int64_t begin,
-                                        int64_t end) {
+template <typename T>
+Rows<T> rows_of(LogitsView v) {
+  return Rows<T>{static_cast<const T*>(v.data), v.member_stride, v.sample_stride};
+}
+
+__attribute__((always_inline)) inline void finalize_range(const StreamState& s, int32_t E, ScoreOutputs out,
+                                                          int64_t begin, int64_t end) {
   const int64_t K = s.num_classes, N = s.num_samples;
   std::vector<int32_t> counts(K, 0);
   for (int64_t n = begin; n < end; ++n) {
@@ -377,38 +401,68 @@ ENSEL_TARGET_CLONES void finalize_range(const StreamState& s, int32_t E, ScoreOu
   }
 }
 
-template <typename T>
-Rows<T> rows_of(LogitsView v) {
-  return Rows<T>{static_cast<const T*>(v.data), v.member_stride, v.sample_stride};
-}
+#define ENSEL_CPU_DTYPE_KERNELS(TARGET, L, T, SUFFIX)                                                        \
+  TARGET Failure fused_##SUFFIX(LogitsView v, int64_t E, int64_t K, const int64_t* labels, ScoreOutputs out, \
+                                int64_t begin, int64_t end) {                                                \
+    return use_lanes<T>(K) ? fused_range_lanes<L, T>(rows_of<T>(v), E, K, labels, out, begin, end)            \
+                            : fused_range<L, T>(rows_of<T>(v), E, K, labels, out, begin, end);                \
+  }                                                                                                          \
+  TARGET Failure check_##SUFFIX(const StreamState& s, LogitsView v, int64_t K, int64_t start, int64_t begin,  \
+                                int64_t end) {                                                               \
+    return check_range<L, T>(s, rows_of<T>(v), K, start, begin, end);                                        \
+  }                                                                                                          \
+  TARGET void update_##SUFFIX(const StreamState& s, LogitsView v, int64_t K, int64_t start, int64_t begin,   \
+                              int64_t end) {                                                                 \
+    if (use_lanes<T>(K))                                                                                     \
+      update_range_lanes<L, T>(s, rows_of<T>(v), K, start, begin, end);                                      \
+    else                                                                                                     \
+      update_range<L, T>(s, rows_of<T>(v), K, start, begin, end);                                            \
+  }
 
-Failure fused_slice(LogitsView v, int64_t E, int64_t K, const int64_t* labels, ScoreOutputs out,
-                    int64_t begin, int64_t end) {
-  switch (v.dtype) {
-    case kFloat16: return fused_f16(rows_of<Half>(v), E, K, labels, out, begin, end);
-    case kBFloat16: return fused_bf16(rows_of<BFloat16>(v), E, K, labels, out, begin, end);
-    case kFloat64: return fused_f64(rows_of<double>(v), E, K, labels, out, begin, end);
-    default: return fused_f32(rows_of<float>(v), E, K, labels, out, begin, end);
+// Order of the DType codes: float32, float16, bfloat16, float64.
+#define ENSEL_CPU_LEVEL(TARGET, L, NAME)                                                                  \
+  ENSEL_CPU_DTYPE_KERNELS(TARGET, L, float, NAME##_f32)                                                   \
+  ENSEL_CPU_DTYPE_KERNELS(TARGET, L, Half, NAME##_f16)                                                    \
+  ENSEL_CPU_DTYPE_KERNELS(TARGET, L, BFloat16, NAME##_bf16)                                               \
+  ENSEL_CPU_DTYPE_KERNELS(TARGET, L, double, NAME##_f64)                                                  \
+  TARGET void finalize_##NAME(const StreamState& s, int32_t E, ScoreOutputs out, int64_t begin, int64_t end) { \
+    finalize_range(s, E, out, begin, end);                                                                \
+  }                                                                                                       \
+  constexpr Kernels kernels_##NAME = {                                                                    \
+      {fused_##NAME##_f32, fused_##NAME##_f16, fused_##NAME##_bf16, fused_##NAME##_f64},                  \
+      {check_##NAME##_f32, check_##NAME##_f16, check_##NAME##_bf16, check_##NAME##_f64},                  \
+      {update_##NAME##_f32, update_##NAME##_f16, update_##NAME##_bf16, update_##NAME##_f64},              \
+      finalize_##NAME};
+
+static_assert(kFloat32 == 0 && kFloat16 == 1 && kBFloat16 == 2 && kFloat64 == 3, "Kernels' dtype order");
+
+#define ENSEL_TARGET_BASELINE
+ENSEL_CPU_LEVEL(ENSEL_TARGET_BASELINE, kIsaBaseline, baseline)
+#if ENSEL_CPU_X86
+ENSEL_CPU_LEVEL(ENSEL_TARGET_AVX2, kIsaAvx2, avx2)
+ENSEL_CPU_LEVEL(ENSEL_TARGET_AVX512, kIsaAvx512, avx512)
+#endif
+
+const Kernels* kernels_of(CpuIsa level) {
+  switch (level) {
+#if ENSEL_CPU_X86
+    case kIsaAvx2: return &kernels_avx2;
+    case kIsaAvx512: return &kernels_avx512;
+#endif
+    default: return &kernels_baseline;
   }
 }
 
-Failure check_slice(const StreamState& s, LogitsView v, int64_t K, int64_t start, int64_t begin, int64_t end) {
-  switch (v.dtype) {
-    case kFloat16: return check_f16(s, rows_of<Half>(v), K, start, begin, end);
-    case kBFloat16: return check_bf16(s, rows_of<BFloat16>(v), K, start, begin, end);
-    case kFloat64: return check_f64(s, rows_of<double>(v), K, start, begin, end);
-    default: return check_f32(s, rows_of<float>(v), K, start, begin, end);
-  }
+CpuIsa best_cpu_isa() {
+  for (int level = kNumCpuIsas - 1; level > kIsaBaseline; --level)
+    if (cpu_isa_supported(static_cast<CpuIsa>(level))) return static_cast<CpuIsa>(level);
+  return kIsaBaseline;
 }
 
-void update_slice(const StreamState& s, LogitsView v, int64_t K, int64_t start, int64_t begin, int64_t end) {
-  switch (v.dtype) {
-    case kFloat16: return update_f16(s, rows_of<Half>(v), K, start, begin, end);
-    case kBFloat16: return update_bf16(s, rows_of<BFloat16>(v), K, start, begin, end);
-    case kFloat64: return update_f64(s, rows_of<double>(v), K, start, begin, end);
-    default: return update_f32(s, rows_of<float>(v), K, start, begin, end);
-  }
-}
+// The level in use: the best the processor has, chosen once at load; set_cpu_isa lowers it.
+std::atomic<int32_t> g_cpu_isa{best_cpu_isa()};
+
+const Kernels& kernels() { return *kernels_of(static_cast<CpuIsa>(g_cpu_isa.load(std::memory_order_relaxed))); }
 
 // Runs a Failure-returning body over slices and returns the first failure of all.
 template <typename Body>
@@ -427,25 +481,45 @@ Failure parallel_first_failure(int64_t n, int num_threads, int64_t work_per_item
 Failure fused_cpu(LogitsView logits, int64_t E, int64_t N, int64_t K, const int64_t* labels,
                   ScoreOutputs out, int num_threads) {
   return parallel_first_failure(N, num_threads, E * K, [&](int64_t begin, int64_t end) {
-    return fused_slice(logits, E, K, labels, out, begin, end);
+    return kernels().fused[logits.dtype](logits, E, K, labels, out, begin, end);
   });
 }
 
 Failure update_cpu(StreamState state, LogitsView logits, int64_t start, int64_t rows, int num_threads) {
   const int64_t K = state.num_classes;
   const Failure first = parallel_first_failure(rows, num_threads, K, [&](int64_t begin, int64_t end) {
-    return check_slice(state, logits, K, start, begin, end);
+    return kernels().check[logits.dtype](state, logits, K, start, begin, end);
   });
   if (first.status != kOk) return first;
   parallel_for(rows, num_threads, K, [&](int64_t, int64_t begin, int64_t end) {
-    update_slice(state, logits, K, start, begin, end);
+    kernels().update[logits.dtype](state, logits, K, start, begin, end);
   });
   return first;
 }
 
 void finalize_cpu(StreamState state, int32_t E, ScoreOutputs out, int num_threads) {
   parallel_for(state.num_samples, num_threads, state.num_classes + E,
-               [&](int64_t, int64_t begin, int64_t end) { finalize_range(state, E, out, begin, end); });
+               [&](int64_t, int64_t begin, int64_t end) { kernels().finalize(state, E, out, begin, end); });
+}
+
+std::vector<std::string> cpu_isas() {
+  std::vector<std::string> names;
+  for (int level = 0; level < kNumCpuIsas; ++level)
+    if (cpu_isa_supported(static_cast<CpuIsa>(level))) names.emplace_back(cpu_isa_name(static_cast<CpuIsa>(level)));
+  return names;
+}
+
+std::string cpu_isa() { return cpu_isa_name(static_cast<CpuIsa>(g_cpu_isa.load())); }
+
+bool set_cpu_isa(const std::string& name) {
+  for (int level = 0; level < kNumCpuIsas; ++level) {
+    const CpuIsa l = static_cast<CpuIsa>(level);
+    if (name == cpu_isa_name(l) && cpu_isa_supported(l)) {
+      g_cpu_isa.store(level);
+      return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace ensel

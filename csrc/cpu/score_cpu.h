@@ -4,6 +4,9 @@
 
 #include <stdint.h>
 
+#include <string>
+#include <vector>
+
 #include "ensel/state.h"
 
 namespace ensel {
@@ -17,5 +20,12 @@ Failure update_cpu(StreamState state, LogitsView logits, int64_t start, int64_t 
 
 // Every sample must have seen the same number E > 0 of members (checked by the caller).
 void finalize_cpu(StreamState state, int32_t E, ScoreOutputs out, int num_threads);
+
+// The instruction-set levels (csrc/cpu/isa.h) this processor runs, lowest first; the one in use
+// (the best, from load on); and a switch to another supported level (false if unknown or
+// unsupported). Every level computes the contract's scores; the tests run each.
+std::vector<std::string> cpu_isas();
+std::string cpu_isa();
+bool set_cpu_isa(const std::string& name);
 
 }  // namespace ensel

@@ -8,14 +8,14 @@ namespace ensel {
 
 constexpr float kInf = __builtin_inff();
 
-// exp(x) for x <= 88, with results below FLT_MIN flushed to exactly 0 (so exp(-inf) = 0).
+// exp(x) for x <= 0 (every caller passes a logit minus its row's maximum, floored by
+// shifted_logit), with results below FLT_MIN flushed to exactly 0 (so exp(-inf) = 0).
 // Cephes expf: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-7 polynomial (about 1 ulp),
-// 2^n assembled in the exponent bits. Rounding to nearest uses the 1.5 * 2^23 shifter.
+// 2^n assembled in the exponent bits. Rounding to nearest uses the 1.5 * 2^23 shifter. No upper
+// clamp: x <= 0 keeps 2^n normal, and one select less matters in the hot loop.
 ENSEL_HD float exp_approx(float x) {
   const float kUnderflow = -87.33654f;  // ln(FLT_MIN)
-  const float kOverflowClamp = 88.0f;
-  float xc = x < kUnderflow ? kUnderflow : x;
-  xc = xc > kOverflowClamp ? kOverflowClamp : xc;
+  const float xc = x < kUnderflow ? kUnderflow : x;
   const float shifter = 12582912.0f;
   const float n = (xc * 1.44269504088896341f + shifter) - shifter;
   float r = xc - n * 0.693359375f;
@@ -61,8 +61,10 @@ ENSEL_HD float log_approx(float x) {
 // keeps subnormals away from log_approx.
 ENSEL_HD float xlogx(float p) {
   const float kTiny = 1.17549435e-38f;
-  const float safe = p < kTiny ? 1.0f : p;
-  return p < kTiny ? 0.0f : p * log_approx(safe);
+  // The log is evaluated unconditionally (of a safe argument) so the select stays branch-free
+  // and loops over xlogx vectorize.
+  const float log_p = log_approx(p < kTiny ? 1.0f : p);
+  return p < kTiny ? 0.0f : p * log_p;
 }
 
 }  // namespace ensel
