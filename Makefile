@@ -16,6 +16,7 @@ test: $(BUILD_STAMP)
 
 bench: $(BUILD_STAMP)
 	$(PY) bench/report.py
+	$(PY) bench/cpu_isa.py
 
 # On a machine with a GPU (no network needed): builds in place with that machine's own python3 and
 # torch, runs the contract suite on cuda and triton, compute-sanitizer, and the GPU report.

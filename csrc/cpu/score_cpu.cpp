@@ -250,6 +250,31 @@ struct LaneTile {
   }
 };
 
+// summarize_pbar for kLanes samples at once, from pbar sums in [K][kLanes] layout: -H(pbar) and
+// its two largest entries, lane-parallel (ties: top2 = top1, margin 0). The fused lane path and
+// the finalize of small K share it.
+struct LaneSummary {
+  static constexpr int64_t B = kLanes;
+  float neg_h[B], top1[B], top2[B];
+
+  __attribute__((always_inline)) void compute(const float* __restrict pbar, int64_t K, float inv_e) {
+    for (int64_t b = 0; b < B; ++b) neg_h[b] = top1[b] = top2[b] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* pk = pbar + k * B;
+      ENSEL_SIMD()
+      for (int64_t b = 0; b < B; ++b) {
+        const float p = pk[b] * inv_e;
+        neg_h[b] += xlogx(p);
+        // max/min, not nested selects, so that the loop vectorizes (p is never NaN here).
+        const float low = p < top1[b] ? p : top1[b];
+        top2[b] = low > top2[b] ? low : top2[b];
+        top1[b] = p > top1[b] ? p : top1[b];
+      }
+    }
+  }
+  PbarSummary of(int64_t b) const { return PbarSummary{neg_h[b], top1[b], top2[b]}; }
+};
+
 template <CpuIsa L, typename T>
 __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, int64_t E, int64_t K,
                                                                 const int64_t* labels, ScoreOutputs out,
@@ -258,7 +283,7 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
   LaneTile tile(K);
   std::vector<float> pbar(K * B);  // [K][B]
   TileSamples samples(B, E, K);
-  float neg_h[B], top1[B], top2[B];
+  LaneSummary summary;
   const float inv_e = 1.0f / static_cast<float>(E);
   Failure first;
 
@@ -284,22 +309,9 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
                         y >= 0 ? tile.log_p(b, row, y) : 0.0f);
       }
     }
-    // pbar's entropy and two largest entries, lane-parallel (ties: top2 = top1, margin 0).
-    for (int64_t b = 0; b < B; ++b) neg_h[b] = top1[b] = top2[b] = 0.0f;
-    for (int64_t k = 0; k < K; ++k) {
-      const float* pk = &pbar[k * B];
-      ENSEL_SIMD()
-      for (int64_t b = 0; b < B; ++b) {
-        const float p = pk[b] * inv_e;
-        neg_h[b] += xlogx(p);
-        // max/min, not nested selects, so that the loop vectorizes (p is never NaN here).
-        const float low = p < top1[b] ? p : top1[b];
-        top2[b] = low > top2[b] ? low : top2[b];
-        top1[b] = p > top1[b] ? p : top1[b];
-      }
-    }
+    summary.compute(pbar.data(), K, inv_e);
     samples.finish(t0, nb, K, labels != nullptr, out,
-                   [&](int64_t b) { return PbarSummary{neg_h[b], top1[b], top2[b]}; }, first);
+                   [&](int64_t b) { return summary.of(b); }, first);
   }
   return first;
 }
@@ -314,10 +326,18 @@ __attribute__((always_inline)) inline void update_range_lanes(const StreamState&
   for (int64_t t0 = begin; t0 < end; t0 += B) {
     const int64_t nb = std::min(B, end - t0);
     tile.load<L, T>([&](int64_t b) { return rows.row(0, t0 + b); }, nb);
+    // The tile's pbar_sum rows are one contiguous [nb][K] block; restrict pointers and local
+    // copies tell the compiler it does not alias the tile, or it will not vectorize.
+    float* __restrict pbar = s.pbar_sum + (start + t0) * K;
+    const float* __restrict xs = tile.x.data();
+    float inv_s[B];
+    std::copy(tile.inv_s, tile.inv_s + B, inv_s);
+    for (int64_t b = 0; b < nb; ++b) {
+      ENSEL_SIMD()
+      for (int64_t k = 0; k < K; ++k) pbar[b * K + k] += xs[k * B + b] * inv_s[b];
+    }
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t n = start + t0 + b;
-      float* p = s.pbar_sum + n * K;
-      for (int64_t k = 0; k < K; ++k) p[k] += tile.x[k * B + b] * tile.inv_s[b];
       s.entropy_sum[n] += tile.entropy(b);
       s.argmax_history[static_cast<int64_t>(s.members[n]) * N + n] = tile.a[b];
       s.members[n] += 1;
@@ -386,18 +406,36 @@ Rows<T> rows_of(LogitsView v) {
   return Rows<T>{static_cast<const T*>(v.data), v.member_stride, v.sample_stride};
 }
 
+// Small K: pbar summarized kLanes samples at a time (their pbar_sum rows are one contiguous
+// block, transposed to [K][kLanes]); a row of 10 classes is too short to vectorize along.
 __attribute__((always_inline)) inline void finalize_range(const StreamState& s, int32_t E, ScoreOutputs out,
                                                           int64_t begin, int64_t end) {
+  constexpr int64_t B = kLanes;
   const int64_t K = s.num_classes, N = s.num_samples;
+  const float inv_e = 1.0f / static_cast<float>(E);
+  const bool lanes = K <= kLanesUpToK;
   std::vector<int32_t> counts(K, 0);
-  for (int64_t n = begin; n < end; ++n) {
-    int32_t mode, votes;
-    int64_t vote_log_sum;
-    mode_of(s.argmax_history + n, N, E, counts.data(), out.vote_log, mode, votes, vote_log_sum);
-    LabelState st;
-    if (s.labels != nullptr) st = s.load_label_state(n);
-    finalize_sample(s.pbar_sum + n * K, K, E, s.entropy_sum[n], mode, votes, vote_log_sum,
-                    s.labels != nullptr ? &st : nullptr, out, n);
+  std::vector<float> pbar_lanes(lanes ? K * B : 0);
+  LaneSummary summary;
+  for (int64_t t0 = begin; t0 < end; t0 += B) {
+    const int64_t nb = std::min(B, end - t0);
+    if (lanes) {
+      const float* block = s.pbar_sum + t0 * K;
+      for (int64_t b = 0; b < nb; ++b)
+        for (int64_t k = 0; k < K; ++k) pbar_lanes[k * B + b] = block[b * K + k];
+      summary.compute(pbar_lanes.data(), K, inv_e);  // lanes >= nb: stale values, never read
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t n = t0 + b;
+      int32_t mode, votes;
+      int64_t vote_log_sum;
+      mode_of(s.argmax_history + n, N, E, counts.data(), out.vote_log, mode, votes, vote_log_sum);
+      LabelState st;
+      if (s.labels != nullptr) st = s.load_label_state(n);
+      const PbarSummary pbar = lanes ? summary.of(b) : summarize_pbar(s.pbar_sum + n * K, K, inv_e);
+      write_scores(out, n, K, E, pbar, s.entropy_sum[n], mode, votes, vote_log_sum,
+                   s.labels != nullptr ? &st : nullptr);
+    }
   }
 }
 
