@@ -49,6 +49,72 @@ inline bool cpu_isa_supported(CpuIsa level) {
   return false;
 }
 
+// Between rows and lanes: the small-K kernels compute with one SIMD lane per sample, on tiles
+// stored [K][B] (xs[k * B + b]: class k of sample b). Transposed in 4 x 4 blocks with SSE (the
+// x86-64 baseline; inlined into each level's functions, VEX-encoded there); scalar elsewhere. A
+// scalar transpose costs a load, a store and loop overhead per value, the largest single cost
+// of the small-K path, and the compiler's own vectorization of it uses slow scatters.
+
+// xs[k * B + b] = rows[b][k] for b < nb, k < K.
+ENSEL_HD void rows_to_lanes(const float* const* rows, int64_t nb, int64_t K, float* xs, int64_t B) {
+  int64_t b = 0;
+#if ENSEL_CPU_X86
+  for (; b + 4 <= nb; b += 4) {
+    const float *r0 = rows[b], *r1 = rows[b + 1], *r2 = rows[b + 2], *r3 = rows[b + 3];
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+      __m128 a0 = _mm_loadu_ps(r0 + k), a1 = _mm_loadu_ps(r1 + k), a2 = _mm_loadu_ps(r2 + k),
+             a3 = _mm_loadu_ps(r3 + k);
+      _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
+      _mm_storeu_ps(xs + k * B + b, a0);
+      _mm_storeu_ps(xs + (k + 1) * B + b, a1);
+      _mm_storeu_ps(xs + (k + 2) * B + b, a2);
+      _mm_storeu_ps(xs + (k + 3) * B + b, a3);
+    }
+    for (; k < K; ++k) {
+      xs[k * B + b] = r0[k];
+      xs[k * B + b + 1] = r1[k];
+      xs[k * B + b + 2] = r2[k];
+      xs[k * B + b + 3] = r3[k];
+    }
+  }
+#endif
+  for (; b < nb; ++b)
+    for (int64_t k = 0; k < K; ++k) xs[k * B + b] = rows[b][k];
+}
+
+// block[b * K + k] += xs[k * B + b] * scale[b] for b < nb, k < K (one multiply, one add: the
+// same roundings in either path).
+ENSEL_HD void lanes_to_rows_add(const float* xs, const float* scale, int64_t nb, int64_t K, int64_t B,
+                                float* block) {
+  int64_t b = 0;
+#if ENSEL_CPU_X86
+  for (; b + 4 <= nb; b += 4) {
+    const __m128 s0 = _mm_set1_ps(scale[b]), s1 = _mm_set1_ps(scale[b + 1]), s2 = _mm_set1_ps(scale[b + 2]),
+                 s3 = _mm_set1_ps(scale[b + 3]);
+    float *r0 = block + b * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+      __m128 a0 = _mm_loadu_ps(xs + k * B + b), a1 = _mm_loadu_ps(xs + (k + 1) * B + b),
+             a2 = _mm_loadu_ps(xs + (k + 2) * B + b), a3 = _mm_loadu_ps(xs + (k + 3) * B + b);
+      _MM_TRANSPOSE4_PS(a0, a1, a2, a3);  // now a_i holds row b + i, classes k..k+3
+      _mm_storeu_ps(r0 + k, _mm_add_ps(_mm_loadu_ps(r0 + k), _mm_mul_ps(a0, s0)));
+      _mm_storeu_ps(r1 + k, _mm_add_ps(_mm_loadu_ps(r1 + k), _mm_mul_ps(a1, s1)));
+      _mm_storeu_ps(r2 + k, _mm_add_ps(_mm_loadu_ps(r2 + k), _mm_mul_ps(a2, s2)));
+      _mm_storeu_ps(r3 + k, _mm_add_ps(_mm_loadu_ps(r3 + k), _mm_mul_ps(a3, s3)));
+    }
+    for (; k < K; ++k) {
+      r0[k] += xs[k * B + b] * scale[b];
+      r1[k] += xs[k * B + b + 1] * scale[b + 1];
+      r2[k] += xs[k * B + b + 2] * scale[b + 2];
+      r3[k] += xs[k * B + b + 3] * scale[b + 3];
+    }
+  }
+#endif
+  for (; b < nb; ++b)
+    for (int64_t k = 0; k < K; ++k) block[b * K + k] += xs[k * B + b] * scale[b];
+}
+
 }  // namespace ensel
 
 #if ENSEL_CPU_X86

@@ -183,28 +183,50 @@ struct LaneTile {
   float m[B], s[B], t[B], inv_s[B], log_s[B];
   int32_t bad[B], a[B];
 
-  std::vector<float> staged;  // [K]: one row in float (stage_row)
+  std::vector<float> staged;  // [B][K]: the tile's rows in float (stage_row), for 16-bit input
 
-  explicit LaneTile(int64_t classes) : K(classes), x(classes * B, 0.0f), staged(classes) {}
+  explicit LaneTile(int64_t classes) : K(classes), x(classes * B, 0.0f), staged(B * classes) {}
 
   // Rows row_of(b) for b < nb; lanes >= nb compute on stale finite values and are never read.
-  // The loops work on local arrays and a restrict pointer: the compiler must see that the lane
-  // accumulators do not alias the tile, or it stops vectorizing (2.4x slower at K = 100).
+  // load = gather (rows -> [K][B] floats) + scan (max, NaN/+inf) + exponentiate; the streaming
+  // check needs only the first two.
   template <CpuIsa L, typename T, typename RowOf>
   __attribute__((always_inline)) void load(RowOf row_of, int64_t nb) {
-    const int32_t k_classes = static_cast<int32_t>(K);
-    float* __restrict xs = x.data();
-    for (int64_t b = 0; b < nb; ++b) {
-      const auto* row = stage_row<L>(row_of(b), K, staged.data());  // (double rows never get here)
-      for (int64_t k = 0; k < K; ++k) xs[k * B + b] = to_float(row[k]);
+    gather<L, T>(row_of, nb);
+    scan();
+    exponentiate();
+  }
+
+  template <CpuIsa L, typename T, typename RowOf>
+  __attribute__((always_inline)) void gather(RowOf row_of, int64_t nb) {
+    float* xs = x.data();
+    if constexpr (std::is_same<T, double>::value) {  // (never called: double rows take the per-row path)
+      for (int64_t b = 0; b < nb; ++b)
+        for (int64_t k = 0; k < K; ++k) xs[k * B + b] = to_float(row_of(b)[k]);
+    } else {
+      const float* rows[B];
+      const T* first = row_of(0);
+      if (!std::is_same<T, float>::value && row_of(nb - 1) == first + (nb - 1) * K) {
+        // 16-bit rows stored back to back: converted as one block (K = 10 rows are too short
+        // to vectorize one by one).
+        const float* block = stage_row<L>(first, nb * K, staged.data());
+        for (int64_t b = 0; b < nb; ++b) rows[b] = block + b * K;
+      } else {
+        for (int64_t b = 0; b < nb; ++b) rows[b] = stage_row<L>(row_of(b), K, staged.data() + b * K);
+      }
+      rows_to_lanes(rows, nb, K, xs, B);
     }
-    float lm[B], ls[B], lt[B];
-    int32_t lbad[B], la[B];
+  }
+
+  // The loops work on local arrays and a restrict pointer: the compiler must see that the lane
+  // accumulators do not alias the tile, or it stops vectorizing (2.4x slower at K = 100).
+  __attribute__((always_inline)) void scan() {
+    const float* __restrict xs = x.data();
+    float lm[B];
+    int32_t lbad[B];
     for (int64_t b = 0; b < B; ++b) {
       lm[b] = -kInf;
       lbad[b] = 0;
-      ls[b] = lt[b] = 0.0f;
-      la[b] = k_classes;
     }
     for (int64_t k = 0; k < K; ++k) {
       const float* xk = xs + k * B;
@@ -213,6 +235,20 @@ struct LaneTile {
         lm[b] = xk[b] > lm[b] ? xk[b] : lm[b];
         lbad[b] |= !(xk[b] < kInf);
       }
+    }
+    std::copy(lm, lm + B, m);
+    std::copy(lbad, lbad + B, bad);
+  }
+
+  __attribute__((always_inline)) void exponentiate() {
+    const int32_t k_classes = static_cast<int32_t>(K);
+    float* __restrict xs = x.data();
+    float lm[B], ls[B], lt[B];
+    int32_t la[B];
+    for (int64_t b = 0; b < B; ++b) {
+      lm[b] = m[b];
+      ls[b] = lt[b] = 0.0f;
+      la[b] = k_classes;
     }
     for (int32_t k = 0; k < k_classes; ++k) {
       float* xk = xs + k * B;
@@ -228,10 +264,8 @@ struct LaneTile {
     }
     ENSEL_SIMD()
     for (int64_t b = 0; b < B; ++b) {
-      m[b] = lm[b];
       s[b] = ls[b];
       t[b] = lt[b];
-      bad[b] = lbad[b];
       a[b] = la[b];
       inv_s[b] = 1.0f / ls[b];
       log_s[b] = log_approx(ls[b]);  // s >= 1 (the maximum contributes exp(0)): a normal float
@@ -326,16 +360,8 @@ __attribute__((always_inline)) inline void update_range_lanes(const StreamState&
   for (int64_t t0 = begin; t0 < end; t0 += B) {
     const int64_t nb = std::min(B, end - t0);
     tile.load<L, T>([&](int64_t b) { return rows.row(0, t0 + b); }, nb);
-    // The tile's pbar_sum rows are one contiguous [nb][K] block; restrict pointers and local
-    // copies tell the compiler it does not alias the tile, or it will not vectorize.
-    float* __restrict pbar = s.pbar_sum + (start + t0) * K;
-    const float* __restrict xs = tile.x.data();
-    float inv_s[B];
-    std::copy(tile.inv_s, tile.inv_s + B, inv_s);
-    for (int64_t b = 0; b < nb; ++b) {
-      ENSEL_SIMD()
-      for (int64_t k = 0; k < K; ++k) pbar[b * K + k] += xs[k * B + b] * inv_s[b];
-    }
+    // The tile's pbar_sum rows are one contiguous [nb][K] block.
+    lanes_to_rows_add(tile.x.data(), tile.inv_s, nb, K, B, s.pbar_sum + (start + t0) * K);
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t n = start + t0 + b;
       s.entropy_sum[n] += tile.entropy(b);
@@ -361,6 +387,37 @@ __attribute__((always_inline)) inline Failure check_range(const StreamState& s, 
     const Status st = check_row(stage_row<L>(rows.row(0, i), K, staged.data()), K, m);
     const Failure f{st, s.members[start + i], start + i};
     if (earlier(f, first)) first = f;
+  }
+  return first;
+}
+
+// check_range for small K, lane-parallel (LaneTile's gather and scan); the same statuses. From
+// K = 48 on, check_row's own loop along the row is as fast (measured in one process, avx512).
+#ifndef ENSEL_LANE_CHECK_UP_TO_K
+#define ENSEL_LANE_CHECK_UP_TO_K 48
+#endif
+template <typename T>
+constexpr bool use_lane_check(int64_t K) {
+  return use_lanes<T>(K) && K < ENSEL_LANE_CHECK_UP_TO_K;
+}
+
+template <CpuIsa L, typename T>
+__attribute__((always_inline)) inline Failure check_range_lanes(const StreamState& s, Rows<T> rows, int64_t K,
+                                                                int64_t start, int64_t begin, int64_t end) {
+  constexpr int64_t B = kLanes;
+  LaneTile tile(K);
+  Failure first;
+  for (int64_t t0 = begin; t0 < end; t0 += B) {
+    const int64_t nb = std::min(B, end - t0);
+    tile.gather<L, T>([&](int64_t b) { return rows.row(0, t0 + b); }, nb);
+    tile.scan();
+    int32_t flagged = 0;
+    for (int64_t b = 0; b < nb; ++b) flagged |= tile.bad[b] | (tile.m[b] == -kInf);
+    if (!flagged) continue;
+    for (int64_t b = 0; b < nb; ++b) {
+      const Failure f{tile.status(b, rows.row(0, t0 + b)), s.members[start + t0 + b], start + t0 + b};
+      if (earlier(f, first)) first = f;
+    }
   }
   return first;
 }
@@ -420,9 +477,9 @@ __attribute__((always_inline)) inline void finalize_range(const StreamState& s, 
   for (int64_t t0 = begin; t0 < end; t0 += B) {
     const int64_t nb = std::min(B, end - t0);
     if (lanes) {
-      const float* block = s.pbar_sum + t0 * K;
-      for (int64_t b = 0; b < nb; ++b)
-        for (int64_t k = 0; k < K; ++k) pbar_lanes[k * B + b] = block[b * K + k];
+      const float* rows[B];
+      for (int64_t b = 0; b < nb; ++b) rows[b] = s.pbar_sum + (t0 + b) * K;
+      rows_to_lanes(rows, nb, K, pbar_lanes.data(), B);
       summary.compute(pbar_lanes.data(), K, inv_e);  // lanes >= nb: stale values, never read
     }
     for (int64_t b = 0; b < nb; ++b) {
@@ -447,7 +504,8 @@ __attribute__((always_inline)) inline void finalize_range(const StreamState& s, 
   }                                                                                                          \
   TARGET Failure check_##SUFFIX(const StreamState& s, LogitsView v, int64_t K, int64_t start, int64_t begin,  \
                                 int64_t end) {                                                               \
-    return check_range<L, T>(s, rows_of<T>(v), K, start, begin, end);                                        \
+    return use_lane_check<T>(K) ? check_range_lanes<L, T>(s, rows_of<T>(v), K, start, begin, end)             \
+                            : check_range<L, T>(s, rows_of<T>(v), K, start, begin, end);                      \
   }                                                                                                          \
   TARGET void update_##SUFFIX(const StreamState& s, LogitsView v, int64_t K, int64_t start, int64_t begin,   \
                               int64_t end) {                                                                 \
