@@ -52,9 +52,11 @@ struct Rows {
 // while this one computes took 15-20% off at E = 64 (K = 10 and 100, measured).
 template <typename T>
 __attribute__((always_inline)) inline void prefetch_rows(Rows<T> rows, int64_t e, int64_t n0, int64_t nb, int64_t K) {
-  for (int64_t b = 0; b < nb; ++b) {
+  const T* first = rows.row(e, n0);
+  const bool contiguous = rows.row(e, n0 + nb - 1) == first + (nb - 1) * K;
+  for (int64_t b = 0; b < (contiguous ? 1 : nb); ++b) {
     const char* p = reinterpret_cast<const char*>(rows.row(e, n0 + b));
-    const char* end = reinterpret_cast<const char*>(rows.row(e, n0 + b) + K);
+    const char* end = reinterpret_cast<const char*>(rows.row(e, n0 + b) + (contiguous ? nb * K : K));
     for (; p < end; p += 64) __builtin_prefetch(p);
   }
 }
@@ -182,6 +184,10 @@ __attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t 
 // in float64.)
 constexpr int64_t kLanes = 32;
 constexpr int64_t kLanesUpToK = 128;
+
+// Below this K the lane path's per-row costs (the streaming check, per-lane bookkeeping) are
+// worth lane-parallel versions; from it on, loops along the row are as fast (measured, avx512).
+constexpr int64_t kShortRowsBelowK = 48;
 
 template <typename T>
 constexpr bool use_lanes(int64_t K) {
@@ -349,6 +355,18 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
         ENSEL_SIMD()
         for (int64_t b = 0; b < B; ++b) ps[k * B + b] += xs[k * B + b] * inv_s[b];
       }
+      // Short rows, the common case (every lane valid, no labels): the per-lane bookkeeping
+      // without its branches (18% at K = 10, E = 64; at K = 100 it measured 10% slower).
+      int32_t flagged = labels != nullptr || K >= kShortRowsBelowK;
+      for (int64_t b = 0; b < nb; ++b)
+        flagged |= tile.bad[b] | (tile.m[b] == -kInf) | (samples.status[b] != kOk);
+      if (!flagged) {
+        for (int64_t b = 0; b < nb; ++b) {
+          samples.argmax[b * E + e] = tile.a[b];
+          samples.entropy_sum[b] += tile.entropy(b);
+        }
+        continue;
+      }
       for (int64_t b = 0; b < nb; ++b) {
         if (!samples.valid(b)) continue;
         const T* row = rows.row(e, t0 + b);
@@ -405,14 +423,10 @@ __attribute__((always_inline)) inline Failure check_range(const StreamState& s, 
   return first;
 }
 
-// check_range for small K, lane-parallel (LaneTile's gather and scan); the same statuses. From
-// K = 48 on, check_row's own loop along the row is as fast (measured in one process, avx512).
-#ifndef ENSEL_LANE_CHECK_UP_TO_K
-#define ENSEL_LANE_CHECK_UP_TO_K 48
-#endif
+// check_range for short rows, lane-parallel (LaneTile's gather and scan); the same statuses.
 template <typename T>
 constexpr bool use_lane_check(int64_t K) {
-  return use_lanes<T>(K) && K < ENSEL_LANE_CHECK_UP_TO_K;
+  return use_lanes<T>(K) && K < kShortRowsBelowK;
 }
 
 template <CpuIsa L, typename T>
