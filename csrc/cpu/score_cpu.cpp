@@ -101,9 +101,12 @@ struct TileSamples {
   std::vector<Status> status;
   std::vector<int64_t> bad_member;
 
+  std::vector<int32_t> mode, votes;  // [tile]: finish's mode_of results
+  std::vector<int64_t> vote_log_sum;
+
   TileSamples(int64_t tile, int64_t members, int64_t K)
       : E(members), argmax(tile * members), counts(K, 0), entropy_sum(tile), label_state(tile),
-        status(tile), bad_member(tile) {}
+        status(tile), bad_member(tile), mode(tile), votes(tile), vote_log_sum(tile) {}
 
   void reset() {
     std::fill(entropy_sum.begin(), entropy_sum.end(), 0.0f);
@@ -129,20 +132,29 @@ struct TileSamples {
   template <typename Summary>
   void finish(int64_t t0, int64_t nb, int64_t K, bool has_labels, ScoreOutputs out, Summary summary,
               Failure& first) {
+    bool all_valid = true;
     for (int64_t b = 0; b < nb; ++b) {
-      const int64_t n = t0 + b;
       if (status[b] != kOk) {
-        const Failure f{status[b], bad_member[b], n};
+        const Failure f{status[b], bad_member[b], t0 + b};
         if (earlier(f, first)) first = f;
+        all_valid = false;
         continue;
       }
-      int32_t mode, votes;
-      int64_t vote_log_sum;
-      mode_of(argmax.data() + b * E, 1, static_cast<int32_t>(E), counts.data(), out.vote_log, mode, votes,
-              vote_log_sum);
-      write_scores(out, n, K, static_cast<int32_t>(E), summary(b), entropy_sum[b], mode, votes, vote_log_sum,
-                   has_labels ? &label_state[b] : nullptr);
+      mode_of(argmax.data() + b * E, 1, static_cast<int32_t>(E), counts.data(), out.vote_log, mode[b], votes[b],
+              vote_log_sum[b]);
     }
+    const int32_t members = static_cast<int32_t>(E);
+    if (all_valid && !has_labels) {  // the common case, vectorized over samples: one store per field
+      ENSEL_SIMD()
+      for (int64_t b = 0; b < nb; ++b)
+        write_scores(out, t0 + b, K, members, summary(b), entropy_sum[b], mode[b], votes[b], vote_log_sum[b],
+                     nullptr);
+      return;
+    }
+    for (int64_t b = 0; b < nb; ++b)
+      if (status[b] == kOk)
+        write_scores(out, t0 + b, K, members, summary(b), entropy_sum[b], mode[b], votes[b], vote_log_sum[b],
+                     has_labels ? &label_state[b] : nullptr);
   }
 };
 
