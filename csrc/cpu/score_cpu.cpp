@@ -161,9 +161,13 @@ struct TileSamples {
       bad_member[b] = e;
       return;
     }
+    record(b, e, a, entropy);
+    if (label >= 0) observe_label(label_state[b], a, label, log_p_label);
+  }
+  // A valid member e of sample b, without labels.
+  __attribute__((always_inline)) void record(int64_t b, int64_t e, int32_t a, float entropy) {
     argmax[e * T + b] = a;
     entropy_sum[b] += entropy;
-    if (label >= 0) observe_label(label_state[b], a, label, log_p_label);
   }
 
   // Writes the scores of samples t0 + b, b < nb, or folds their failures into `first`.
@@ -348,6 +352,13 @@ struct LaneTile {
     }
   }
 
+  // Whether a lane b < nb holds an invalid row (status() names what and where); after scan.
+  bool any_invalid(int64_t nb) const {
+    int32_t flagged = 0;
+    for (int64_t b = 0; b < nb; ++b) flagged |= bad[b] | (m[b] == -kInf);
+    return flagged != 0;
+  }
+
   template <typename T>
   Status status(int64_t b, const T* row) const {
     compute_t<T> unused;
@@ -414,14 +425,10 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
       }
       // Short rows, the common case (every lane valid, no labels): the per-lane bookkeeping
       // without its branches (18% at K = 10, E = 64; at K = 100 it measured 10% slower).
-      int32_t flagged = labels != nullptr || K >= kShortRowsBelowK;
-      for (int64_t b = 0; b < nb; ++b)
-        flagged |= tile.bad[b] | (tile.m[b] == -kInf) | (samples.status[b] != kOk);
+      int32_t flagged = labels != nullptr || K >= kShortRowsBelowK || tile.any_invalid(nb);
+      for (int64_t b = 0; b < nb; ++b) flagged |= samples.status[b] != kOk;
       if (!flagged) {
-        for (int64_t b = 0; b < nb; ++b) {
-          samples.argmax[e * samples.T + b] = tile.a[b];
-          samples.entropy_sum[b] += tile.entropy(b);
-        }
+        for (int64_t b = 0; b < nb; ++b) samples.record(b, e, tile.a[b], tile.entropy(b));
         continue;
       }
       for (int64_t b = 0; b < nb; ++b) {
@@ -496,9 +503,7 @@ __attribute__((always_inline)) inline Failure check_range_lanes(const StreamStat
     const int64_t nb = std::min(B, end - t0);
     tile.gather<L, T>([&](int64_t b) { return rows.row(0, t0 + b); }, nb);
     tile.scan();
-    int32_t flagged = 0;
-    for (int64_t b = 0; b < nb; ++b) flagged |= tile.bad[b] | (tile.m[b] == -kInf);
-    if (!flagged) continue;
+    if (!tile.any_invalid(nb)) continue;
     for (int64_t b = 0; b < nb; ++b) {
       const Failure f{tile.status(b, rows.row(0, t0 + b)), s.members[start + t0 + b], start + t0 + b};
       if (earlier(f, first)) first = f;
