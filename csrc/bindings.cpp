@@ -184,25 +184,26 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "fused_cpu",
-      [](uintptr_t logits, int dtype, int64_t E, int64_t N, int64_t K, int64_t member_stride,
+      [](uintptr_t logits, int dtype, bool probs, int64_t E, int64_t N, int64_t K, int64_t member_stride,
          int64_t sample_stride, uintptr_t labels, uintptr_t out_floats, uintptr_t out_ints, uintptr_t vote_log,
          int threads) {
         const ensel::LogitsView view{ptr<const void>(logits), static_cast<ensel::DType>(dtype), member_stride,
                                      sample_stride};
         py::gil_scoped_release release;
-        return as_tuple(ensel::fused_cpu(view, E, N, K, ptr<const int64_t>(labels),
+        return as_tuple(ensel::fused_cpu(view, probs, E, N, K, ptr<const int64_t>(labels),
                                          outputs(out_floats, out_ints, N, vote_log), threads));
       },
-      "Fused [E, N, K] scores. Returns (status, member, sample) of the first invalid row, or (0, -1, -1).");
+      "Fused [E, N, K] scores of logits (probabilities if probs). Returns (status, member, sample) of the "
+      "first invalid row, or (0, -1, -1).");
 
   m.def(
       "update_cpu",
       [](const py::tuple& state, int64_t N, int64_t K, int64_t capacity, uintptr_t labels, uintptr_t logits,
-         int dtype, int64_t sample_stride, int64_t start, int64_t rows, int threads) {
+         int dtype, bool probs, int64_t sample_stride, int64_t start, int64_t rows, int threads) {
         const ensel::StreamState s = stream_state(state, N, K, capacity, labels);
         const ensel::LogitsView view{ptr<const void>(logits), static_cast<ensel::DType>(dtype), 0, sample_stride};
         py::gil_scoped_release release;
-        return as_tuple(ensel::update_cpu(s, view, start, rows, threads));
+        return as_tuple(ensel::update_cpu(s, view, probs, start, rows, threads));
       },
       "Adds one member's rows [start, start + rows) to the state, or nothing if any row is invalid.");
 

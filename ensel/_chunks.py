@@ -4,15 +4,16 @@ The fused kernel reduces an [E, N, K] block sample by sample (docs/contract.md s
 block can be cut into chunks of samples, each scored on its own: the result equals the whole
 block's, bit for bit. Two callers cut blocks this way, through `score_chunks`:
 
-- `ensel.score` of an input the kernels cannot read in place -- probabilities (`kind="probs"`,
-  converted to log-probabilities) or a class stride other than 1 (a permuted view of an [N, K, E]
-  or [K, N, E] buffer) -- so that what it allocates beyond the input is one chunk, not a
-  converted or contiguous copy of the whole tensor;
+- `ensel.score` of an input the kernels cannot read in place -- probabilities (`kind="probs"`)
+  for a backend that does not read them (`reads_probs`; converted to log-probabilities), or a
+  class stride other than 1 (a permuted view of an [N, K, E] or [K, N, E] buffer) -- so that
+  what it allocates beyond the input is one chunk, not a converted or contiguous copy of the
+  whole tensor;
 - `ensel.score_files`, whose chunks are staged from files under a memory budget.
 
-Each chunk is handed to the kernel as it is when it can be (unit class stride, not probabilities),
-otherwise it is first written into one reused contiguous buffer: copied, or for probabilities
-converted to log p there. The first invalid row is the contract's minimum (member, sample) over the
+Each chunk is handed to the kernel as it is when it can be (unit class stride, and logits or
+probabilities the backend reads), otherwise it is first written into one reused contiguous
+buffer: copied, or for probabilities converted to log p there. The first invalid row is the contract's minimum (member, sample) over the
 whole block (section 4, member-major), not the first chunk's: once a chunk has one at member m,
 later chunks (later samples) can only hold a lower one among their first m members, so only those
 are checked, and nothing at all once m = 0.
@@ -37,15 +38,38 @@ from .scores import Scores
 CHUNK_BYTES = 32 << 20
 
 
-def kernel_dtype(dtype: torch.dtype, kind: str) -> torch.dtype:
-    """The dtype the kernels read an input of `dtype` and `kind` in."""
-    return log_dtype(dtype) if kind == "probs" else dtype
+def converts(backend, kind: str) -> bool:
+    """Whether inputs of `kind` reach `backend`'s kernels as log-probabilities converted here:
+    probabilities, for a backend that does not read them itself."""
+    return kind == "probs" and not backend.reads_probs
 
 
-def needs_chunks(x: torch.Tensor, kind: str) -> bool:
-    """Whether an [E, N, K] input goes through bounded chunks rather than straight to a kernel:
-    probabilities (converted), or classes that are not unit-stride (copied)."""
-    return kind == "probs" or (x.shape[-1] > 1 and x.stride(-1) != 1)
+def kernel_dtype(dtype: torch.dtype, kind: str, backend) -> torch.dtype:
+    """The dtype `backend`'s kernels read an input of `dtype` and `kind` in."""
+    return log_dtype(dtype) if converts(backend, kind) else dtype
+
+
+def needs_chunks(x: torch.Tensor, kind: str, backend) -> bool:
+    """Whether an [E, N, K] input goes through bounded chunks rather than straight to `backend`'s
+    kernel: probabilities it does not read (converted), or classes that are not unit-stride
+    (copied)."""
+    return converts(backend, kind) or (x.shape[-1] > 1 and x.stride(-1) != 1)
+
+
+def fused(backend, x: torch.Tensor, labels: torch.Tensor | None, kind: str):
+    """`backend.fused` of a block the kernel reads as it is: logits, log-probabilities, or
+    probabilities where the backend reads them."""
+    if kind == "probs" and backend.reads_probs:
+        return backend.fused(x, labels, probs=True)
+    return backend.fused(x, labels)
+
+
+def update(backend, state, x: torch.Tensor, start: int, kind: str) -> None:
+    """`backend.update` of [B, K] rows the kernel reads as they are (as `fused`)."""
+    if kind == "probs" and backend.reads_probs:
+        backend.update(state, x, start, probs=True)
+    else:
+        backend.update(state, x, start)
 
 
 def chunk_samples(num_members: int, num_classes: int, dtype: torch.dtype, limit: int | None = None) -> int:
@@ -79,8 +103,8 @@ class _Staging:
         return self.buffer[:numel].view(shape)
 
 
-def _kernel_input(block: torch.Tensor, kind: str, staging: _Staging) -> torch.Tensor:
-    if kind == "probs":
+def _kernel_input(block: torch.Tensor, kind: str, backend, staging: _Staging) -> torch.Tensor:
+    if converts(backend, kind):
         return log_probs_into(staging.take(block.shape), block)
     if block.shape[-1] > 1 and block.stride(-1) != 1:
         return staging.take(block.shape).copy_(block)
@@ -101,14 +125,14 @@ def score_chunks(
     """Scores of an [E, N, K] block given as consecutive chunks (start, count, [E, count, K] block
     of samples [start, start + count)), each scored by `backend.fused`, their packed columns
     assembled into [N] fields on `device`. `labels`: the validated int64 [N] labels or None.
-    Blocks of `kind="probs"` (of `dtype`) are converted to log p, blocks whose classes are not
-    unit-stride copied, into one reused buffer; a block may be reused by the producer once the
+    Blocks of `kind="probs"` (of `dtype`) are converted to log p unless the backend reads them,
+    blocks whose classes are not unit-stride copied, into one reused buffer; a block may be reused by the producer once the
     next one is asked for. Invalid rows raise the contract's ValueError (InvalidInput) at the
     block's (member, sample), said of `kind`, after every chunk that could hold a lower one."""
     E, N = num_members, num_samples
     floats = torch.empty(len(FLOAT_FIELDS), N, dtype=torch.float32, device=device)
     ints = torch.empty(len(INT_FIELDS), N, dtype=torch.int64, device=device)
-    staging = _Staging(kernel_dtype(dtype, kind), device)
+    staging = _Staging(kernel_dtype(dtype, kind, backend), device)
     first: InvalidInput | None = None
     iterator = iter(chunks)
     try:
@@ -119,7 +143,7 @@ def score_chunks(
                 block = block[: first.member]  # only a lower member can
             part = None if labels is None else labels[start : start + count]
             try:
-                f, i = backend.fused(_kernel_input(block, kind, staging), part)
+                f, i = fused(backend, _kernel_input(block, kind, backend, staging), part, kind)
             except InvalidInput as e:
                 row = block[e.member, e.sample] if kind == "probs" else None
                 first = e.restated(kind, row, offset=start)

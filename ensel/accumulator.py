@@ -13,6 +13,7 @@ from . import backends
 from ._inputs import (
     KINDS, InvalidInput, as_int, as_tensor, check_kind, check_labels, check_logits, log_dtype, log_probs_into,
 )  # fmt: skip
+from ._chunks import converts, update
 from ._io import atomic_write
 from ._state import FIELDS, StreamState
 from .scores import Scores, empty_columns
@@ -239,8 +240,9 @@ class Accumulator:
     def update(self, logits, start: int = 0) -> None:
         """Adds one member's [B, K] logits (or log-probabilities or probabilities: the
         accumulator's `kind`) for rows [start, start + B). On invalid input it raises and leaves
-        the state as it was. A batch whose classes are not unit-stride, or of probabilities, is
-        copied (converted) once: a copy of the batch's size, never of more."""
+        the state as it was. A batch whose classes are not unit-stride, or of probabilities for a
+        backend that does not read them (all but cpu), is copied (converted) once: a copy of the
+        batch's size, never of more."""
         x = as_tensor(logits)
         check_logits(x, 2)
         s = self._state
@@ -256,20 +258,21 @@ class Accumulator:
             )
         if rows == 0:
             return
-        given = x
-        if self._kind == "probs":  # validated by the kernel as their log; named from `given`
+        given, kind = x, self._kind
+        if converts(self._backend, kind):  # validated by the kernel as their log; named from `given`
             x = log_probs_into(torch.empty(x.shape, dtype=log_dtype(x.dtype), device=x.device), x)
+            kind = "log_probs"
         try:
-            self._update(x, start, rows)
+            self._update(x, start, rows, kind)
         except InvalidInput as e:
             row = given[e.sample - start] if self._kind == "probs" else None
             raise e.restated(self._kind, row) from None
 
-    def _update(self, x: torch.Tensor, start: int, rows: int) -> None:
+    def _update(self, x: torch.Tensor, start: int, rows: int, kind: str) -> None:
         with self._lock.shared(start, start + rows):
             s = self._state
             if _max_count(s.members[start : start + rows]) < s.capacity:
-                self._backend.update(s, x, start)
+                update(self._backend, s, x, start, kind)
                 return
         # The history must grow: exclusively, so that no other thread's kernel is writing into
         # the history being copied (and then freed). Room is asked for again: another thread may
@@ -278,7 +281,7 @@ class Accumulator:
             s = self._state
             history = s.history_with_room(_max_count(s.members[start : start + rows]) + 1)
             # Into the grown copy first; installed only if the backend accepted the batch.
-            self._backend.update(s.with_history(history), x, start)
+            update(self._backend, s.with_history(history), x, start, kind)
             s.argmax_history = history
 
     def finalize(self) -> Scores:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from . import backends
-from ._chunks import chunk_samples, kernel_dtype, needs_chunks, score_chunks, view_chunks
-from ._inputs import InvalidInput, as_tensor, check_kind, check_labels, check_logits, log_dtype
+from ._chunks import chunk_samples, fused, kernel_dtype, needs_chunks, score_chunks, view_chunks
+from ._inputs import InvalidInput, as_tensor, check_kind, check_labels, check_logits
 from .accumulator import Accumulator
 from .ops import fused_scores
 from .scores import Scores
@@ -30,8 +30,8 @@ def score(logits, labels=None, *, backend: str = "auto", kind: str = "logits") -
     `labels` (int [N]) adds error_count, forgetting and nll. Float dtypes: float32, float16,
     bfloat16, float64; scores are accumulated in float32.
     `kind`: what the values are -- "logits", "log_probs" (read as logits: softmax(log p) = p) or
-    "probs" (non-negative, rows with a positive sum; scored as the normalized rows, converted to
-    log p in bounded chunks of samples). Inputs whose classes are not unit-stride are likewise
+    "probs" (non-negative, rows with a positive sum; scored as the normalized rows: read as they
+    are by the cpu backend, converted to log p in bounded chunks of samples for the others). Inputs whose classes are not unit-stride are likewise
     copied chunk by chunk, never whole (docs/contract.md sections 3 and 12).
     """
     kind = check_kind(kind)
@@ -45,22 +45,20 @@ def score(logits, labels=None, *, backend: str = "auto", kind: str = "logits") -
     if labels is not None:
         labels = check_labels(labels, N, K, x.device)
     if torch.compiler.is_compiling():
-        if kind == "probs":  # one graph op on the whole tensor: the chunked path is eager only
-            x = torch.log(x.to(log_dtype(x.dtype)))
-        floats, ints = fused_scores(x, labels, backend)  # opaque to the tracer, shaped by its fake
+        floats, ints = fused_scores(x, labels, backend, kind)  # opaque to the tracer, shaped by its fake
         return Scores.from_columns(floats, ints, E, labels is not None)
     resolved = backends.resolve(backend, x.device)
-    if N > 0 and needs_chunks(x, kind):
-        chunk = chunk_samples(E, K, kernel_dtype(x.dtype, kind))
+    if N > 0 and needs_chunks(x, kind, resolved):
+        chunk = chunk_samples(E, K, kernel_dtype(x.dtype, kind, resolved))
         return score_chunks(
             view_chunks(x, chunk), num_members=E, num_samples=N, labels=labels, backend=resolved,
             device=x.device, kind=kind, dtype=x.dtype,
         )  # fmt: skip
     # Eagerly the op's wrapper adds nothing but a one-time second of torch._dynamo import.
     try:
-        floats, ints = resolved.fused(x, labels)
-    except InvalidInput as e:
-        raise e.restated(kind) from None
+        floats, ints = fused(resolved, x, labels, kind)
+    except InvalidInput as e:  # probabilities read as they are: the row names what is wrong
+        raise e.restated(kind, x[e.member, e.sample] if kind == "probs" else None) from None
     floats, ints = floats.to(x.device), ints.to(x.device)
     return Scores.from_columns(floats, ints, E, labels is not None)
 

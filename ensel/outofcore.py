@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from . import backends
-from ._chunks import kernel_dtype, score_chunks
+from ._chunks import converts, kernel_dtype, score_chunks
 from ._fields import FLOAT_FIELDS, INT_FIELDS
 from ._inputs import as_int, check_kind, check_labels
 from .api import score
@@ -275,31 +275,31 @@ def score_files(
     by a prefetch thread meanwhile. `max_memory` (bytes, default 1 GiB) bounds what this call
     allocates (see the module docstring); `chunk_samples` caps the chunk further. The result
     equals `ensel.score` of the whole block, bit for bit. `kind`: what the files hold, "logits",
-    "log_probs" or "probs" (as `ensel.score`; probabilities are converted chunk by chunk, and the
-    converted chunk counts in `max_memory`).
+    "log_probs" or "probs" (as `ensel.score`; for a backend that does not read probabilities they
+    are converted chunk by chunk, and the converted chunk counts in `max_memory`).
     """
     kind = check_kind(kind)
     files = describe_files(paths, shape, dtype, offset)
     E = len(files)
     N, K = files[0].num_samples, files[0].num_classes
     budget = DEFAULT_MAX_MEMORY if max_memory is None else max_memory
-    converted = 0  # bytes of one converted row: probabilities only
-    if kind == "probs":
-        converted = K * torch.empty((), dtype=kernel_dtype(files[0].dtype, kind)).element_size()
-    chunk = plan_chunk(E, N, files[0].row_bytes, budget, converted)
-    if chunk_samples is not None:
-        chunk = min(chunk, as_int(chunk_samples, "chunk_samples", 1))
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     if on_cuda and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    resolved = backends.resolve(backend, device)  # before any buffer is allocated or file read
+    converted = 0  # bytes of one converted row: probabilities the backend does not read only
+    if converts(resolved, kind):
+        converted = K * torch.empty((), dtype=kernel_dtype(files[0].dtype, kind, resolved)).element_size()
+    chunk = plan_chunk(E, N, files[0].row_bytes, budget, converted)
+    if chunk_samples is not None:
+        chunk = min(chunk, as_int(chunk_samples, "chunk_samples", 1))
     if labels is not None:  # all of them before any chunk is read: a bad last label fails at once
         labels = check_labels(labels, N, K, device)
     if N == 0:
         # Nothing to read: the empty block goes through ensel.score like any chunk would (the
         # labels' checks included) and gives the empty scores of E members.
         return score(torch.empty(E, 0, K, dtype=files[0].dtype, device=device), labels, backend=backend, kind=kind)
-    resolved = backends.resolve(backend, device)  # before any buffer is allocated or file read
     # The chunks' samples are file rows: the first invalid row is reported at its file row.
     return score_chunks(
         _Pipeline(files, chunk, device).chunks(), num_members=E, num_samples=N, labels=labels,

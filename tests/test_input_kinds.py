@@ -191,6 +191,29 @@ def test_probabilities_score_as_their_normalized_rows(backend, dtype):
         assert_scores_match(got, want, 7, True, dtype)
 
 
+# One K on each side of every strategy boundary of the CPU kernels (lanes up to 128 classes,
+# short rows below 48) and beyond, for probabilities read by the kernels themselves.
+PROBS_KS = (1, 2, 10, 47, 48, 128, 129, 700)
+
+
+@backends
+@pytest.mark.parametrize("K", PROBS_KS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids(DTYPES))
+def test_probabilities_at_every_row_length(backend, K, dtype):
+    """Unnormalized probabilities with exact zeros (masked classes), at every row-length strategy,
+    fused and streamed, with labels: the scores of the normalized rows, computed directly from
+    the probabilities in float64. Scales down to 1e-30 (a row far below 1 whose ratios to its
+    maximum are ordinary numbers) where the dtype holds them."""
+    logits, labels = case(E=6, N=37, K=K, seed=20 + K)
+    g = torch.Generator().manual_seed(K)
+    low = -3.0 if dtype == torch.float16 else -69.0  # float16's smallest normal is 6e-5
+    scale = torch.exp(torch.empty(6, 37, 1, dtype=torch.float64).uniform_(low, 3.0, generator=g))
+    p = (torch.softmax(logits, -1) * scale).to(dtype)
+    want = from_probs(p, labels)
+    for mode in ("fused", "stream"):
+        assert_scores_match(score_as(p, labels, backend, "probs", mode, seed=K), want, K, True, dtype)
+
+
 @backends
 def test_probability_ties_and_one_class(backend):
     """Equal probabilities are ties (the lowest class), exactly as equal logits are; K = 1."""
@@ -403,34 +426,48 @@ def test_every_axis_order_scores_as_the_contiguous_tensor(backend, order, kind, 
     assert_scores_equal(score_as(view, labels, backend, kind, "iterable"), iterated)
 
 
-def test_chunks_are_bounded_and_unit_class_stride_goes_straight_to_the_kernel(monkeypatch, small_chunks):
-    """What the kernel is handed: an [N, E, K] buffer's view (unit class stride) is the caller's
-    own memory, in one call; an [N, K, E] buffer's view and probabilities arrive as contiguous
-    chunks of at most the bound, never the whole tensor."""
-    backend = ensel.backends.get("cpu")
-    seen = []
-    real = backend.fused
+def _spy_on_fused(monkeypatch, name: str) -> list:
+    """(data_ptr, shape, contiguous, bytes, probs) of every block backend `name`'s fused is handed."""
+    backend = ensel.backends.get(name)
+    seen, real = [], backend.fused
 
-    def spy(x, labels):
-        seen.append((x.data_ptr(), tuple(x.shape), x.is_contiguous(), x.numel() * x.element_size()))
-        return real(x, labels)
+    def spy(x, labels, **options):
+        seen.append((x.data_ptr(), tuple(x.shape), x.is_contiguous(), x.numel() * x.element_size(),
+                     options.get("probs", False)))  # fmt: skip
+        return real(x, labels, **options)
 
     monkeypatch.setattr(backend, "fused", spy)
+    return seen
+
+
+def test_chunks_are_bounded_and_unit_class_stride_goes_straight_to_the_kernel(monkeypatch, small_chunks):
+    """What the kernel is handed: an [N, E, K] buffer's view (unit class stride), and probabilities
+    for the cpu backend (which reads them), are the caller's own memory, in one call; an [N, K, E]
+    buffer's view, and probabilities for a backend that does not read them, arrive as contiguous
+    chunks of at most the bound (copied, converted), never the whole tensor."""
+    seen = _spy_on_fused(monkeypatch, "cpu")
     E, N, K = 3, 50, 8
     x = make_logits(E, N, K, seed=11)
+    p = torch.softmax(x, -1)
     nek = permuted_view(x, (1, 0, 2))
     ensel.score(nek, backend="cpu")
-    assert seen == [(nek.data_ptr(), (E, N, K), False, E * N * K * 4)]
+    assert seen == [(nek.data_ptr(), (E, N, K), False, E * N * K * 4, False)]
+    seen.clear()
+    ensel.score(p, backend="cpu", kind="probs")
+    assert seen == [(p.data_ptr(), (E, N, K), True, E * N * K * 4, True)]
 
     small_chunks(E, K, torch.float32, 7)
     bound = ensel._chunks.CHUNK_BYTES
-    for given, kind in [(permuted_view(x, (1, 2, 0)), "logits"), (torch.softmax(x, -1), "probs")]:
-        seen.clear()
-        ensel.score(given, backend="cpu", kind=kind)
-        assert len(seen) > 1 and all(contiguous for _, _, contiguous, _ in seen)
-        assert all(nbytes <= bound for *_, nbytes in seen), (seen, bound)
-        assert sum(shape[1] for _, shape, _, _ in seen) == N
-        assert len({ptr for ptr, *_ in seen}) == 1  # one buffer, reused by every chunk
+    converted = _spy_on_fused(monkeypatch, "reference")
+    for given, kind, backend, calls in [(permuted_view(x, (1, 2, 0)), "logits", "cpu", seen),
+                                        (p, "probs", "reference", converted)]:  # fmt: skip
+        calls.clear()
+        ensel.score(given, backend=backend, kind=kind)
+        assert len(calls) > 1 and all(contiguous for _, _, contiguous, _, _ in calls)
+        assert all(nbytes <= bound for _, _, _, nbytes, _ in calls), (calls, bound)
+        assert sum(shape[1] for _, shape, *_ in calls) == N
+        assert len({ptr for ptr, *_ in calls}) == 1  # one buffer, reused by every chunk
+        assert not any(probs for *_, probs in calls)  # logits, or probabilities converted to log p
 
 
 def test_the_chunk_bound_and_one_sample_at_least():
@@ -557,18 +594,25 @@ def test_files_of_every_kind_equal_in_memory_scores(tmp_path, dtype, kind):
     converted = 7 * (4 if dtype == torch.float16 else 8) if kind == "probs" else 0
     budget = 301 * OUTPUT_BYTES + 29 * bytes_per_chunk_sample(5, 7 * itemsize, converted)
     assert plan_chunk(5, 301, 7 * itemsize, budget, converted) == 29  # 11 chunks, the last partial
+    # reference: the backend that converts probabilities (and counts them in the budget)
+    converting = ensel.score_files(paths, labels=labels.numpy(), max_memory=budget, kind=kind, backend="reference")
+    assert_scores_equal(converting, ensel.score(x, labels=labels, kind=kind, backend="reference"))
     got = ensel.score_files(paths, labels=labels.numpy(), max_memory=budget, kind=kind)
     assert_scores_equal(got, ensel.score(x, labels=labels, kind=kind))
     assert_scores_match(got, expected(x, kind, labels), 7, True, dtype)
 
 
 def test_a_budget_too_small_for_converted_probabilities(tmp_path):
+    """A backend that converts probabilities counts the float64 logs in the budget; the cpu
+    backend reads them as they are, so they cost what logits cost."""
     np.save(tmp_path / "m.npy", np.full((50, 4), 0.25, np.float32))
     need = 50 * OUTPUT_BYTES + bytes_per_chunk_sample(1, 16, 32)  # float32 rows, float64 logs
-    assert ensel.score_files([tmp_path / "m.npy"], max_memory=need, kind="probs").num_samples == 50
+    m = [tmp_path / "m.npy"]
+    assert ensel.score_files(m, max_memory=need, kind="probs", backend="reference").num_samples == 50
     with pytest.raises(ValueError, match=f"at least {need} bytes"):
-        ensel.score_files([tmp_path / "m.npy"], max_memory=need - 1, kind="probs")
-    assert ensel.score_files([tmp_path / "m.npy"], max_memory=need - 1).num_samples == 50  # logits: no conversion
+        ensel.score_files(m, max_memory=need - 1, kind="probs", backend="reference")
+    for kind in ("probs", "logits"):  # no conversion
+        assert ensel.score_files(m, max_memory=need - 1, kind=kind, backend="cpu").num_samples == 50
 
 
 # ----------------------------------------------------------------------------- Triton, under its interpreter

@@ -207,7 +207,7 @@ struct TileSamples {
   }
 };
 
-template <CpuIsa L, typename T>
+template <CpuIsa L, typename In, typename T>
 __attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t E, int64_t K,
                                                           const int64_t* labels, ScoreOutputs out,
                                                           int64_t begin, int64_t end) {
@@ -228,7 +228,7 @@ __attribute__((always_inline)) inline Failure fused_range(Rows<T> rows, int64_t 
         const int64_t y = labels != nullptr ? labels[n] : -1;
         RowResult r{};
         const auto* row = stage_row<L>(rows.row(e, n), K, staged.data());
-        const Status st = process_row(row, K, y, scratch.data(), pbar.data() + b * K, r);
+        const Status st = process_row<In>(row, K, y, scratch.data(), pbar.data() + b * K, r);
         samples.observe(b, e, st, r.argmax, r.entropy, y, r.log_p_label);
       }
     }
@@ -259,8 +259,8 @@ constexpr bool use_lanes(int64_t K) {
 struct LaneTile {
   static constexpr int64_t B = kLanes;
   int64_t K;
-  std::vector<float> x;  // [K][B]: the logits, then exp(l - m)
-  float m[B], s[B], t[B], inv_s[B], log_s[B];
+  std::vector<float> x;  // [K][B]: the values (In's kind), then their weights w = exp(d)
+  float m[B], ref[B], s[B], t[B], inv_s[B], log_s[B];  // ref: In::reference(m)
   int32_t bad[B], a[B];
 
   std::vector<float> staged;  // [B][K]: the tile's rows in float (stage_row), for 16-bit input
@@ -270,11 +270,11 @@ struct LaneTile {
   // Rows row_of(b) for b < nb; lanes >= nb compute on stale finite values and are never read.
   // load = gather (rows -> [K][B] floats) + scan (max, NaN/+inf) + exponentiate; the streaming
   // check needs only the first two.
-  template <CpuIsa L, typename T, typename RowOf>
+  template <CpuIsa L, typename In, typename T, typename RowOf>
   __attribute__((always_inline)) void load(RowOf row_of, int64_t nb) {
     gather<L, T>(row_of, nb);
-    scan();
-    exponentiate();
+    scan<In>();
+    exponentiate<In>();
   }
 
   template <CpuIsa L, typename T, typename RowOf>
@@ -300,6 +300,7 @@ struct LaneTile {
 
   // The loops work on local arrays and a restrict pointer: the compiler must see that the lane
   // accumulators do not alias the tile, or it stops vectorizing (2.4x slower at K = 100).
+  template <typename In>
   __attribute__((always_inline)) void scan() {
     const float* __restrict xs = x.data();
     float lm[B];
@@ -313,20 +314,22 @@ struct LaneTile {
       ENSEL_SIMD()
       for (int64_t b = 0; b < B; ++b) {
         lm[b] = xk[b] > lm[b] ? xk[b] : lm[b];
-        lbad[b] |= !(xk[b] < kInf);
+        lbad[b] |= In::invalid(xk[b]);
       }
     }
     std::copy(lm, lm + B, m);
     std::copy(lbad, lbad + B, bad);
   }
 
+  template <typename In>
   __attribute__((always_inline)) void exponentiate() {
     const int32_t k_classes = static_cast<int32_t>(K);
     float* __restrict xs = x.data();
-    float lm[B], ls[B], lt[B];
+    float lm[B], lref[B], ls[B], lt[B];
     int32_t la[B];
     for (int64_t b = 0; b < B; ++b) {
       lm[b] = m[b];
+      lref[b] = ref[b] = In::reference(m[b]);
       ls[b] = lt[b] = 0.0f;
       la[b] = k_classes;
     }
@@ -335,8 +338,8 @@ struct LaneTile {
       ENSEL_SIMD()
       for (int64_t b = 0; b < B; ++b) {
         la[b] = xk[b] == lm[b] && la[b] == k_classes ? k : la[b];  // first maximum
-        const float d = shifted_logit(xk[b] - lm[b]);
-        const float ex = exp_approx(d);
+        float d, ex;
+        In::terms(xk[b], lref[b], d, ex);
         xk[b] = ex;
         ls[b] += ex;
         lt[b] += ex * d;
@@ -348,26 +351,27 @@ struct LaneTile {
       t[b] = lt[b];
       a[b] = la[b];
       inv_s[b] = 1.0f / ls[b];
-      log_s[b] = log_approx(ls[b]);  // s >= 1 (the maximum contributes exp(0)): a normal float
+      log_s[b] = log_approx(ls[b]);  // s >= 1 (the maximum contributes w >= 1): a normal float
     }
   }
 
   // Whether a lane b < nb holds an invalid row (status() names what and where); after scan.
+  template <typename In>
   bool any_invalid(int64_t nb) const {
     int32_t flagged = 0;
-    for (int64_t b = 0; b < nb; ++b) flagged |= bad[b] | (m[b] == -kInf);
+    for (int64_t b = 0; b < nb; ++b) flagged |= bad[b] | In::massless(m[b]);
     return flagged != 0;
   }
 
-  template <typename T>
+  template <typename In, typename T>
   Status status(int64_t b, const T* row) const {
     compute_t<T> unused;
-    return bad[b] ? check_row(row, K, unused) : (m[b] == -kInf ? kAllNegInf : kOk);
+    return bad[b] ? check_row<In>(row, K, unused) : (In::massless(m[b]) ? kAllNegInf : kOk);
   }
   float entropy(int64_t b) const { return member_entropy(log_s[b], t[b], inv_s[b]); }
-  template <typename T>
+  template <typename In, typename T>
   float log_p(int64_t b, const T* row, int64_t label) const {
-    return (to_float(row[label]) - m[b]) - log_s[b];
+    return In::label_shift(to_float(row[label]), ref[b]) - log_s[b];
   }
 };
 
@@ -396,7 +400,7 @@ struct LaneSummary {
   PbarSummary of(int64_t b) const { return PbarSummary{neg_h[b], top1[b], top2[b]}; }
 };
 
-template <CpuIsa L, typename T>
+template <CpuIsa L, typename In, typename T>
 __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, int64_t E, int64_t K,
                                                                 const int64_t* labels, ScoreOutputs out,
                                                                 int64_t begin, int64_t end) {
@@ -414,7 +418,7 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
     samples.reset();
     for (int64_t e = 0; e < E; ++e) {
       if (e + 1 < E) prefetch_rows(rows, e + 1, t0, nb, K);
-      tile.load<L, T>([&](int64_t b) { return rows.row(e, t0 + b); }, nb);
+      tile.load<L, In, T>([&](int64_t b) { return rows.row(e, t0 + b); }, nb);
       float inv_s[B];
       std::copy(tile.inv_s, tile.inv_s + B, inv_s);
       const float* __restrict xs = tile.x.data();
@@ -425,7 +429,7 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
       }
       // Short rows, the common case (every lane valid, no labels): the per-lane bookkeeping
       // without its branches (18% at K = 10, E = 64; at K = 100 it measured 10% slower).
-      int32_t flagged = labels != nullptr || K >= kShortRowsBelowK || tile.any_invalid(nb);
+      int32_t flagged = labels != nullptr || K >= kShortRowsBelowK || tile.any_invalid<In>(nb);
       for (int64_t b = 0; b < nb; ++b) flagged |= samples.status[b] != kOk;
       if (!flagged) {
         for (int64_t b = 0; b < nb; ++b) samples.record(b, e, tile.a[b], tile.entropy(b));
@@ -435,8 +439,8 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
         if (!samples.valid(b)) continue;
         const T* row = rows.row(e, t0 + b);
         const int64_t y = labels != nullptr ? labels[t0 + b] : -1;
-        samples.observe(b, e, tile.status(b, row), tile.a[b], tile.entropy(b), y,
-                        y >= 0 ? tile.log_p(b, row, y) : 0.0f);
+        samples.observe(b, e, tile.status<In>(b, row), tile.a[b], tile.entropy(b), y,
+                        y >= 0 ? tile.log_p<In>(b, row, y) : 0.0f);
       }
     }
     summary.compute(pbar.data(), K, inv_e);
@@ -447,7 +451,7 @@ __attribute__((always_inline)) inline Failure fused_range_lanes(Rows<T> rows, in
 }
 
 // The streaming update of rows that check_range has validated, lane-parallel.
-template <CpuIsa L, typename T>
+template <CpuIsa L, typename In, typename T>
 __attribute__((always_inline)) inline void update_range_lanes(const StreamState& s, Rows<T> rows, int64_t K,
                                                               int64_t start, int64_t begin, int64_t end) {
   constexpr int64_t B = kLanes;
@@ -455,7 +459,7 @@ __attribute__((always_inline)) inline void update_range_lanes(const StreamState&
   const int64_t N = s.num_samples;
   for (int64_t t0 = begin; t0 < end; t0 += B) {
     const int64_t nb = std::min(B, end - t0);
-    tile.load<L, T>([&](int64_t b) { return rows.row(0, t0 + b); }, nb);
+    tile.load<L, In, T>([&](int64_t b) { return rows.row(0, t0 + b); }, nb);
     // The tile's pbar_sum rows are one contiguous [nb][K] block.
     lanes_to_rows_add(tile.x.data(), tile.inv_s, nb, K, B, s.pbar_sum + (start + t0) * K);
     for (int64_t b = 0; b < nb; ++b) {
@@ -466,21 +470,21 @@ __attribute__((always_inline)) inline void update_range_lanes(const StreamState&
       if (s.labels != nullptr) {
         const int64_t y = s.labels[n];
         LabelState st = s.load_label_state(n);
-        observe_label(st, tile.a[b], y, tile.log_p(b, rows.row(0, t0 + b), y));
+        observe_label(st, tile.a[b], y, tile.log_p<In>(b, rows.row(0, t0 + b), y));
         s.store_label_state(n, st);
       }
     }
   }
 }
 
-template <CpuIsa L, typename T>
+template <CpuIsa L, typename In, typename T>
 __attribute__((always_inline)) inline Failure check_range(const StreamState& s, Rows<T> rows, int64_t K,
                                                           int64_t start, int64_t begin, int64_t end) {
   Failure first;
   std::vector<float> staged(K);
   for (int64_t i = begin; i < end; ++i) {
     staged_t<T> m;
-    const Status st = check_row(stage_row<L>(rows.row(0, i), K, staged.data()), K, m);
+    const Status st = check_row<In>(stage_row<L>(rows.row(0, i), K, staged.data()), K, m);
     const Failure f{st, s.members[start + i], start + i};
     if (earlier(f, first)) first = f;
   }
@@ -493,7 +497,7 @@ constexpr bool use_lane_check(int64_t K) {
   return use_lanes<T>(K) && K < kShortRowsBelowK;
 }
 
-template <CpuIsa L, typename T>
+template <CpuIsa L, typename In, typename T>
 __attribute__((always_inline)) inline Failure check_range_lanes(const StreamState& s, Rows<T> rows, int64_t K,
                                                                 int64_t start, int64_t begin, int64_t end) {
   constexpr int64_t B = kLanes;
@@ -502,17 +506,17 @@ __attribute__((always_inline)) inline Failure check_range_lanes(const StreamStat
   for (int64_t t0 = begin; t0 < end; t0 += B) {
     const int64_t nb = std::min(B, end - t0);
     tile.gather<L, T>([&](int64_t b) { return rows.row(0, t0 + b); }, nb);
-    tile.scan();
-    if (!tile.any_invalid(nb)) continue;
+    tile.scan<In>();
+    if (!tile.any_invalid<In>(nb)) continue;
     for (int64_t b = 0; b < nb; ++b) {
-      const Failure f{tile.status(b, rows.row(0, t0 + b)), s.members[start + t0 + b], start + t0 + b};
+      const Failure f{tile.status<In>(b, rows.row(0, t0 + b)), s.members[start + t0 + b], start + t0 + b};
       if (earlier(f, first)) first = f;
     }
   }
   return first;
 }
 
-template <CpuIsa L, typename T>
+template <CpuIsa L, typename In, typename T>
 __attribute__((always_inline)) inline void update_range(const StreamState& s, Rows<T> rows, int64_t K,
                                                         int64_t start, int64_t begin, int64_t end) {
   std::vector<float> scratch(K), staged(K);
@@ -522,7 +526,7 @@ __attribute__((always_inline)) inline void update_range(const StreamState& s, Ro
     const auto* row = stage_row<L>(rows.row(0, i), K, staged.data());
     RowResult r{};
     const int64_t y = s.labels != nullptr ? s.labels[n] : -1;
-    process_row(row, K, y, scratch.data(), s.pbar_sum + n * K, r);  // validated by check_range
+    process_row<In>(row, K, y, scratch.data(), s.pbar_sum + n * K, r);  // validated by check_range
     s.entropy_sum[n] += r.entropy;
     s.argmax_history[static_cast<int64_t>(s.members[n]) * N + n] = r.argmax;
     s.members[n] += 1;
@@ -534,17 +538,17 @@ __attribute__((always_inline)) inline void update_range(const StreamState& s, Ro
   }
 }
 
-// The entry points of one ISA level: per dtype, the fused pass, the streaming check and update;
-// and the finalize. The templates above inline into each, compiled for the level's TARGET.
+// The entry points of one ISA level: per input kind (logits, probabilities) and dtype, the fused
+// pass, the streaming check and update; and the finalize. The templates above inline into each, compiled for the level's TARGET.
 using FusedFn = Failure (*)(LogitsView, int64_t, int64_t, const int64_t*, ScoreOutputs, int64_t, int64_t);
 using CheckFn = Failure (*)(const StreamState&, LogitsView, int64_t, int64_t, int64_t, int64_t);
 using UpdateFn = void (*)(const StreamState&, LogitsView, int64_t, int64_t, int64_t, int64_t);
 using FinalizeFn = void (*)(const StreamState&, int32_t, ScoreOutputs, int64_t, int64_t);
 
 struct Kernels {
-  FusedFn fused[4];  // by DType code
-  CheckFn check[4];
-  UpdateFn update[4];
+  FusedFn fused[2][4];  // [probs][DType code]
+  CheckFn check[2][4];
+  UpdateFn update[2][4];
   FinalizeFn finalize;
 };
 
@@ -590,38 +594,44 @@ __attribute__((always_inline)) inline void finalize_range(const StreamState& s, 
   }
 }
 
-#define ENSEL_CPU_DTYPE_KERNELS(TARGET, L, T, SUFFIX)                                                        \
+#define ENSEL_CPU_DTYPE_KERNELS(TARGET, L, In, T, SUFFIX)                                                    \
   TARGET Failure fused_##SUFFIX(LogitsView v, int64_t E, int64_t K, const int64_t* labels, ScoreOutputs out, \
                                 int64_t begin, int64_t end) {                                                \
-    return use_lanes<T>(K) ? fused_range_lanes<L, T>(rows_of<T>(v), E, K, labels, out, begin, end)            \
-                            : fused_range<L, T>(rows_of<T>(v), E, K, labels, out, begin, end);                \
+    return use_lanes<T>(K) ? fused_range_lanes<L, In, T>(rows_of<T>(v), E, K, labels, out, begin, end)        \
+                           : fused_range<L, In, T>(rows_of<T>(v), E, K, labels, out, begin, end);            \
   }                                                                                                          \
   TARGET Failure check_##SUFFIX(const StreamState& s, LogitsView v, int64_t K, int64_t start, int64_t begin,  \
                                 int64_t end) {                                                               \
-    return use_lane_check<T>(K) ? check_range_lanes<L, T>(s, rows_of<T>(v), K, start, begin, end)             \
-                            : check_range<L, T>(s, rows_of<T>(v), K, start, begin, end);                      \
+    return use_lane_check<T>(K) ? check_range_lanes<L, In, T>(s, rows_of<T>(v), K, start, begin, end)         \
+                                : check_range<L, In, T>(s, rows_of<T>(v), K, start, begin, end);             \
   }                                                                                                          \
   TARGET void update_##SUFFIX(const StreamState& s, LogitsView v, int64_t K, int64_t start, int64_t begin,   \
                               int64_t end) {                                                                 \
     if (use_lanes<T>(K))                                                                                     \
-      update_range_lanes<L, T>(s, rows_of<T>(v), K, start, begin, end);                                      \
+      update_range_lanes<L, In, T>(s, rows_of<T>(v), K, start, begin, end);                                  \
     else                                                                                                     \
-      update_range<L, T>(s, rows_of<T>(v), K, start, begin, end);                                            \
+      update_range<L, In, T>(s, rows_of<T>(v), K, start, begin, end);                                        \
   }
 
-// Order of the DType codes: float32, float16, bfloat16, float64.
+// One input kind at one level, in the order of the DType codes: float32, float16, bfloat16, float64.
+#define ENSEL_CPU_KIND_KERNELS(TARGET, L, In, NAME)            \
+  ENSEL_CPU_DTYPE_KERNELS(TARGET, L, In, float, NAME##_f32)    \
+  ENSEL_CPU_DTYPE_KERNELS(TARGET, L, In, Half, NAME##_f16)     \
+  ENSEL_CPU_DTYPE_KERNELS(TARGET, L, In, BFloat16, NAME##_bf16) \
+  ENSEL_CPU_DTYPE_KERNELS(TARGET, L, In, double, NAME##_f64)
+
+#define ENSEL_CPU_BY_DTYPE(FN, NAME) {FN##_##NAME##_f32, FN##_##NAME##_f16, FN##_##NAME##_bf16, FN##_##NAME##_f64}
+
 #define ENSEL_CPU_LEVEL(TARGET, L, NAME)                                                                  \
-  ENSEL_CPU_DTYPE_KERNELS(TARGET, L, float, NAME##_f32)                                                   \
-  ENSEL_CPU_DTYPE_KERNELS(TARGET, L, Half, NAME##_f16)                                                    \
-  ENSEL_CPU_DTYPE_KERNELS(TARGET, L, BFloat16, NAME##_bf16)                                               \
-  ENSEL_CPU_DTYPE_KERNELS(TARGET, L, double, NAME##_f64)                                                  \
+  ENSEL_CPU_KIND_KERNELS(TARGET, L, LogitInput, NAME##_logits)                                            \
+  ENSEL_CPU_KIND_KERNELS(TARGET, L, ProbInput, NAME##_probs)                                              \
   TARGET void finalize_##NAME(const StreamState& s, int32_t E, ScoreOutputs out, int64_t begin, int64_t end) { \
     finalize_range(s, E, out, begin, end);                                                                \
   }                                                                                                       \
   constexpr Kernels kernels_##NAME = {                                                                    \
-      {fused_##NAME##_f32, fused_##NAME##_f16, fused_##NAME##_bf16, fused_##NAME##_f64},                  \
-      {check_##NAME##_f32, check_##NAME##_f16, check_##NAME##_bf16, check_##NAME##_f64},                  \
-      {update_##NAME##_f32, update_##NAME##_f16, update_##NAME##_bf16, update_##NAME##_f64},              \
+      {ENSEL_CPU_BY_DTYPE(fused, NAME##_logits), ENSEL_CPU_BY_DTYPE(fused, NAME##_probs)},                \
+      {ENSEL_CPU_BY_DTYPE(check, NAME##_logits), ENSEL_CPU_BY_DTYPE(check, NAME##_probs)},                \
+      {ENSEL_CPU_BY_DTYPE(update, NAME##_logits), ENSEL_CPU_BY_DTYPE(update, NAME##_probs)},              \
       finalize_##NAME};
 
 static_assert(kFloat32 == 0 && kFloat16 == 1 && kBFloat16 == 2 && kFloat64 == 3, "Kernels' dtype order");
@@ -668,21 +678,25 @@ Failure parallel_first_failure(int64_t n, int num_threads, int64_t work_per_item
 
 }  // namespace
 
-Failure fused_cpu(LogitsView logits, int64_t E, int64_t N, int64_t K, const int64_t* labels,
+Failure fused_cpu(LogitsView logits, bool probs, int64_t E, int64_t N, int64_t K, const int64_t* labels,
                   ScoreOutputs out, int num_threads) {
+  const FusedFn fused = kernels().fused[probs][logits.dtype];
   return parallel_first_failure(N, num_threads, E * K, [&](int64_t begin, int64_t end) {
-    return kernels().fused[logits.dtype](logits, E, K, labels, out, begin, end);
+    return fused(logits, E, K, labels, out, begin, end);
   });
 }
 
-Failure update_cpu(StreamState state, LogitsView logits, int64_t start, int64_t rows, int num_threads) {
+Failure update_cpu(StreamState state, LogitsView logits, bool probs, int64_t start, int64_t rows, int num_threads) {
   const int64_t K = state.num_classes;
+  const Kernels& level = kernels();  // one level for both passes, whatever set_cpu_isa does meanwhile
+  const CheckFn check = level.check[probs][logits.dtype];
+  const UpdateFn update = level.update[probs][logits.dtype];
   const Failure first = parallel_first_failure(rows, num_threads, K, [&](int64_t begin, int64_t end) {
-    return kernels().check[logits.dtype](state, logits, K, start, begin, end);
+    return check(state, logits, K, start, begin, end);
   });
   if (first.status != kOk) return first;
   parallel_for(rows, num_threads, K, [&](int64_t, int64_t begin, int64_t end) {
-    kernels().update[logits.dtype](state, logits, K, start, begin, end);
+    update(state, logits, K, start, begin, end);
   });
   return first;
 }

@@ -11,12 +11,15 @@
 
 namespace ensel {
 
-Failure fused_cpu(LogitsView logits, int64_t E, int64_t N, int64_t K, const int64_t* labels,
+// `probs`: the values are probabilities (ProbInput in ensel/row.h), read as they are, otherwise
+// logits or log-probabilities (LogitInput).
+Failure fused_cpu(LogitsView logits, bool probs, int64_t E, int64_t N, int64_t K, const int64_t* labels,
                   ScoreOutputs out, int num_threads);
 
-// Adds one member's logits for rows [start, start + rows). Either the whole batch is applied or,
-// on invalid input, nothing is. The caller guarantees members[n] < history_capacity.
-Failure update_cpu(StreamState state, LogitsView logits, int64_t start, int64_t rows, int num_threads);
+// Adds one member's logits (probabilities if `probs`) for rows [start, start + rows). Either the
+// whole batch is applied or, on invalid input, nothing is. The caller guarantees
+// members[n] < history_capacity.
+Failure update_cpu(StreamState state, LogitsView logits, bool probs, int64_t start, int64_t rows, int num_threads);
 
 // Every sample must have seen the same number E > 0 of members (checked by the caller).
 void finalize_cpu(StreamState state, int32_t E, ScoreOutputs out, int num_threads);

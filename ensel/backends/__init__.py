@@ -24,15 +24,20 @@ class Backend(Protocol):
     name: str
     device_types: frozenset[str]
     verified: bool  # eligible for "auto"
+    # Whether fused/update read probabilities as they are (`probs=True`); for the others the
+    # callers convert them to log-probabilities (ensel/_chunks.py).
+    reads_probs: bool
 
     def available(self) -> bool: ...
 
     def fused(self, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed (floats [9, N] float32, ints [3, N] int64) scores of valid-shaped [E, N, K] logits;
-        raises the contract's ValueError on invalid values."""
+        """Packed (floats [9, N] float32, ints [3, N] int64) scores of valid-shaped [E, N, K] logits
+        (probabilities with `probs=True`, where `reads_probs`); raises the contract's ValueError on
+        invalid values."""
 
     def update(self, state: StreamState, logits: torch.Tensor, start: int) -> None:
-        """Adds one member's [B, K] rows at [start, start + B), all or nothing."""
+        """Adds one member's [B, K] rows at [start, start + B), all or nothing (`probs=True` as
+        for fused)."""
 
     def finalize(self, state: StreamState, num_members: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed scores of a state in which every sample has seen num_members members."""

@@ -91,6 +91,7 @@ class CpuBackend:
     name = "cpu"
     device_types = frozenset({"cpu"})
     verified = True
+    reads_probs = True  # ProbInput (csrc/include/ensel/row.h): a log in registers, no converted copy
 
     def available(self) -> bool:
         return _C is not None
@@ -98,26 +99,26 @@ class CpuBackend:
     def why_unavailable(self) -> str:
         return f"ensel._C failed to import: {_IMPORT_ERROR}" if _C is None else ""
 
-    def fused(self, logits, labels):
+    def fused(self, logits, labels, probs: bool = False):
         _apply_isa_from_env()
         x = _rows_contiguous(logits)
         E, N, K = x.shape
         floats, ints = _outputs(N)
         vote_log = vote_log_table(E)
         status = _C.fused_cpu(
-            x.data_ptr(), DTYPE_CODES[x.dtype], E, N, K, x.stride(0), x.stride(1),
+            x.data_ptr(), DTYPE_CODES[x.dtype], probs, E, N, K, x.stride(0), x.stride(1),
             _labels_address(labels), floats.data_ptr(), ints.data_ptr(), vote_log.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
         raise_invalid(*status)
         return floats, ints
 
-    def update(self, state: StreamState, logits: torch.Tensor, start: int) -> None:
+    def update(self, state: StreamState, logits: torch.Tensor, start: int, probs: bool = False) -> None:
         _apply_isa_from_env()
         x = _rows_contiguous(logits)
         status = _C.update_cpu(
             state.addresses(), state.num_samples, state.num_classes, state.capacity,
-            _labels_address(state.labels), x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0),
+            _labels_address(state.labels), x.data_ptr(), DTYPE_CODES[x.dtype], probs, x.stride(0),
             start, x.shape[0], torch.get_num_threads(),
         )  # fmt: skip
         raise_invalid(*status)

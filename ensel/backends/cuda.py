@@ -49,6 +49,7 @@ class CudaBackend:
     name = "cuda"
     device_types = frozenset({"cuda"})
     verified = False  # not picked by "auto" until the GPU suite has passed on real hardware
+    reads_probs = False
 
     def available(self) -> bool:
         return _C is not None and bool(getattr(_C, "cuda_compiled", False)) and torch.cuda.is_available()

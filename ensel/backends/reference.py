@@ -28,6 +28,7 @@ class ReferenceBackend:
     name = "reference"
     device_types = frozenset({"cpu", "cuda"})
     verified = True
+    reads_probs = False
 
     def available(self) -> bool:
         return True

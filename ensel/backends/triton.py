@@ -50,6 +50,7 @@ def _on_device(t: torch.Tensor):
 class TritonBackend:
     name = "triton"
     verified = False  # never run through the suite on a GPU yet: "auto" does not pick it
+    reads_probs = False
 
     @property
     def device_types(self) -> frozenset[str]:

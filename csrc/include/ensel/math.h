@@ -57,6 +57,26 @@ ENSEL_HD float log_approx(float x) {
   return m + y + fe * 0.693359375f;
 }
 
+// 2^-e for the exponent e of x > 0 (x = f 2^e, f in [1, 2)), so that x 2^-e is in [1, 2) and
+// every y <= x scales exactly (a power of two). Subnormal x count as the smallest normal's
+// exponent (x 2^-e then >= 2^-23 for float), and e is capped at the largest exponent whose
+// inverse is normal: x 2^-e stays normal and finite for every finite x > 0.
+ENSEL_HD float pow2_inverse(float x) {
+  int32_t e = static_cast<int32_t>((bits_from_float(x) >> 23) & 0xffu);  // biased: 1..254 for normals
+  e = e < 1 ? 1 : (e > 253 ? 253 : e);
+  return float_from_bits(static_cast<uint32_t>(254 - e) << 23);
+}
+ENSEL_HD double pow2_inverse(double x) {
+  uint64_t w;
+  memcpy(&w, &x, sizeof w);
+  int64_t e = static_cast<int64_t>((w >> 52) & 0x7ffu);  // biased: 1..2046 for normals
+  e = e < 1 ? 1 : (e > 2045 ? 2045 : e);
+  const uint64_t r = static_cast<uint64_t>(2046 - e) << 52;
+  double out;
+  memcpy(&out, &r, sizeof out);
+  return out;
+}
+
 // p log p with 0 log 0 = 0. Below FLT_MIN the term is < 1e-36 and taken as 0, which also
 // keeps subnormals away from log_approx.
 ENSEL_HD float xlogx(float p) {

@@ -53,8 +53,69 @@ ENSEL_HD float vote_entropy_of(int64_t vote_log_sum, int32_t E, const int64_t* v
                             (static_cast<double>(E) * static_cast<double>(vote_log[0])));
 }
 
-// Validates a row without computing anything else: NaN, +inf or all -inf are invalid.
-template <typename T>
+// l - m, floored so that exp flushes to exactly 0 and 0 * (l - m) stays 0 for l = -inf
+// (where 0 * -inf would be NaN).
+ENSEL_HD float shifted_logit(float d) {
+  const float kFloor = -104.0f;
+  return d < kFloor ? kFloor : d;
+}
+
+// What a row's values are (docs/contract.md section 3), as the row math reads them. Each kind
+// says which values are invalid and when a row has no mass, and turns each value x into d and
+// w = exp(d) with d = log(x's unnormalized probability) + c for a constant c of the row: every
+// score is invariant to c (H = log s - t / s, p_k = w_k / s, log p_y = d_y - log s), so c is
+// chosen per kind to keep w in range, from `ref`, the row's reference (reference(m) of its
+// maximum m). The argmax is the first x = m in either kind: compared on the values as given, so
+// probabilities one ulp apart keep their order.
+struct LogitInput {
+  // Logits (and log-probabilities: softmax(log p) = p / sum p): NaN and +inf are invalid, a row
+  // of -inf has no mass. ref = m, d = l - m floored by shifted_logit, w = exp(d) in (0, 1].
+  template <typename C>
+  static ENSEL_HD bool invalid(C x) { return !(x < static_cast<C>(kInf)); }
+  template <typename C>
+  static ENSEL_HD bool massless(C m) { return m == -static_cast<C>(kInf); }
+  template <typename C>
+  static ENSEL_HD C reference(C m) { return m; }
+  template <typename C>
+  static ENSEL_HD void terms(C x, C ref, float& d, float& w) {
+    d = shifted_logit(static_cast<float>(x - ref));
+    w = exp_approx(d);
+  }
+  // d of the label's value, unfloored (a -inf logit gives log p_y = -inf).
+  template <typename C>
+  static ENSEL_HD float label_shift(C x, C ref) { return static_cast<float>(x - ref); }
+};
+
+struct ProbInput {
+  // Probabilities, any positive scale (a row is scored as the normalized row): NaN, negative
+  // values and +inf are invalid, a row of zeros has no mass. ref = 2^-e for the exponent e of m
+  // (pow2_inverse), so w = p ref is exact, the maximum's w is in [1, 2) and s >= 1; d = log w:
+  // a log in place of an exp, and no division. Below FLT_MIN, d is taken at FLT_MIN (w d < 1e-36,
+  // as xlogx takes it), which keeps subnormals and 0 (w d = 0) away from log_approx.
+  template <typename C>
+  static ENSEL_HD bool invalid(C x) { return !(x >= static_cast<C>(0) && x < static_cast<C>(kInf)); }
+  template <typename C>
+  static ENSEL_HD bool massless(C m) { return !(m > static_cast<C>(0)); }
+  template <typename C>
+  static ENSEL_HD C reference(C m) { return pow2_inverse(m); }
+  template <typename C>
+  static ENSEL_HD void terms(C x, C ref, float& d, float& w) {
+    const float kTiny = 1.17549435e-38f;
+    w = static_cast<float>(x * ref);
+    d = log_approx(w < kTiny ? kTiny : w);
+  }
+  // In double, once per row: a label probability far below the maximum keeps a finite log.
+  template <typename C>
+  static ENSEL_HD float label_shift(C x, C ref) {
+    return x > static_cast<C>(0) ? static_cast<float>(log(static_cast<double>(x) * static_cast<double>(ref)))
+                                 : -kInf;
+  }
+};
+
+// Validates a row without computing anything else: NaN, +inf or all -inf are invalid (for
+// probabilities: NaN, negative or +inf values, or a row of zeros; a negative value is reported
+// as kNaN, and ensel/_inputs.py names it from the row).
+template <typename In = LogitInput, typename T>
 ENSEL_HD Status check_row(const T* row, int64_t K, compute_t<T>& row_max) {
   using C = compute_t<T>;
   const C inf = static_cast<C>(kInf);
@@ -64,24 +125,17 @@ ENSEL_HD Status check_row(const T* row, int64_t K, compute_t<T>& row_max) {
   for (int64_t k = 0; k < K; ++k) {
     const C x = to_compute(row[k]);
     m = x > m ? x : m;
-    bad |= !(x < inf);  // true for +inf and NaN
+    bad |= In::invalid(x);
   }
   if (bad) {
     for (int64_t k = 0; k < K; ++k) {  // the rare path: name the first offending value
       const C x = to_compute(row[k]);
-      if (x != x) return kNaN;
       if (x == inf) return kPosInf;
+      if (In::invalid(x)) return kNaN;
     }
   }
   row_max = m;
-  return m == -inf ? kAllNegInf : kOk;
-}
-
-// l - m, floored so that exp flushes to exactly 0 and 0 * (l - m) stays 0 for l = -inf
-// (where 0 * -inf would be NaN).
-ENSEL_HD float shifted_logit(float d) {
-  const float kFloor = -104.0f;
-  return d < kFloor ? kFloor : d;
+  return In::massless(m) ? kAllNegInf : kOk;
 }
 
 // H(p_e) = log s - t / s; rounding can leave -1 ulp on one-hot rows, hence the clamp.
@@ -102,18 +156,19 @@ struct RowResult {
 
 // One member's row: validates it, adds p_e into pbar_sum[0..K) and fills `r` (log p_e,y too when
 // label >= 0). `scratch` holds K floats (the exponentials, so exp is evaluated once per logit).
-template <typename T>
+template <typename In = LogitInput, typename T>
 ENSEL_HD Status process_row(const T* row, int64_t K, int64_t label, float* scratch, float* pbar_sum,
                             RowResult& r) {
   using C = compute_t<T>;
   C m;
-  const Status status = check_row(row, K, m);
+  const Status status = check_row<In>(row, K, m);
   if (status != kOk) return status;
 
   // The argmax is the first k with l_k = m (ties go to the lowest index), as a min reduction.
   // Sums run in blocks added up in double: 33000 equal terms summed in float32 lanes would
   // drift by 1e-3 (each rounding errs the same way).
   double s_total = 0.0, t_total = 0.0;
+  const C ref = In::reference(m);
   const int32_t k_classes = static_cast<int32_t>(K);  // class indices fit in int32 (as argmaxes do)
   int32_t a = k_classes;
   for (int32_t k0 = 0; k0 < k_classes; k0 += kSumBlock) {
@@ -124,8 +179,8 @@ ENSEL_HD Status process_row(const T* row, int64_t K, int64_t label, float* scrat
       const C x = to_compute(row[k]);
       const int32_t candidate = x == m ? k : k_classes;
       a = candidate < a ? candidate : a;
-      const float d = shifted_logit(static_cast<float>(x - m));
-      const float ex = exp_approx(d);
+      float d, ex;
+      In::terms(x, ref, d, ex);
       scratch[k] = ex;
       s_block += ex;
       t_block += ex * d;
@@ -139,7 +194,7 @@ ENSEL_HD Status process_row(const T* row, int64_t K, int64_t label, float* scrat
   for (int64_t k = 0; k < K; ++k) pbar_sum[k] += scratch[k] * inv_s;
 
   r.log_sum = logf(s);
-  if (label >= 0) r.log_p_label = static_cast<float>(to_compute(row[label]) - m) - r.log_sum;
+  if (label >= 0) r.log_p_label = In::label_shift(to_compute(row[label]), ref) - r.log_sum;
   r.entropy = member_entropy(r.log_sum, t, inv_s);
   r.argmax = a;
   return kOk;
