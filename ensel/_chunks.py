@@ -12,7 +12,7 @@ block's, bit for bit. Two callers cut blocks this way, through `score_chunks`:
 - `ensel.score_files`, whose chunks are staged from files under a memory budget.
 
 Each chunk is handed to the kernel as it is when it can be (unit class stride, and logits or
-probabilities the backend reads), otherwise it is first written into one reused contiguous
+probabilities the backend reads), otherwise it is first written into one reused dense
 buffer: copied, or for probabilities converted to log p there. The first invalid row is the contract's minimum (member, sample) over the
 whole block (section 4, member-major), not the first chunk's: once a chunk has one at member m,
 later chunks (later samples) can only hold a lower one among their first m members, so only those
@@ -29,7 +29,7 @@ from ._fields import FLOAT_FIELDS, INT_FIELDS
 from ._inputs import InvalidInput, log_dtype, log_probs_into
 from .scores import Scores
 
-# The largest chunk `ensel.score` makes contiguous (or converts) at once: 32 MiB of the kernel's
+# The largest chunk `ensel.score` copies (or converts) at once: 32 MiB of the kernel's
 # input (float32, or float64 for the log of float32/float64 probabilities), of every member of the
 # chunk's samples; one sample at least, whatever its E x K. Large enough that the kernel runs on
 # millions of values per call (the per-call overhead stays under 1%, and a GPU grid is full),
@@ -90,24 +90,31 @@ def view_chunks(x: torch.Tensor, chunk: int) -> Iterator[tuple[int, int, torch.T
 
 
 class _Staging:
-    """One contiguous buffer, reused by every chunk that must be copied or converted."""
+    """One dense buffer, reused by every chunk that must be copied or converted."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.dtype, self.device, self.buffer = dtype, device, None
 
-    def take(self, shape) -> torch.Tensor:
-        numel = shape[0] * shape[1] * shape[2]
+    def take_like(self, block: torch.Tensor) -> torch.Tensor:
+        """An [E, n, K] view of the buffer shaped as `block`, unit class stride, with members and
+        samples laid out in the order of the block's own strides: the copy then reads the input
+        in memory order (an [N, K, E] buffer's chunk into sample-major [n, E, K] copies 4.5x
+        faster than into [E, n, K], measured with torch on 2 threads)."""
+        E, n, K = block.shape
+        numel = E * n * K
         if self.buffer is None or self.buffer.numel() < numel:
             self.buffer = None  # freed before its successor is allocated
             self.buffer = torch.empty(numel, dtype=self.dtype, device=self.device)
-        return self.buffer[:numel].view(shape)
+        if block.stride(1) > block.stride(0):  # samples outermost in the input
+            return self.buffer[:numel].view(n, E, K).transpose(0, 1)
+        return self.buffer[:numel].view(E, n, K)
 
 
 def _kernel_input(block: torch.Tensor, kind: str, backend, staging: _Staging) -> torch.Tensor:
     if converts(backend, kind):
-        return log_probs_into(staging.take(block.shape), block)
+        return log_probs_into(staging.take_like(block), block)
     if block.shape[-1] > 1 and block.stride(-1) != 1:
-        return staging.take(block.shape).copy_(block)
+        return staging.take_like(block).copy_(block)
     return block
 
 

@@ -139,7 +139,7 @@ def log_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def log_probs_into(out: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """`out` (contiguous, of `log_dtype`) = log of `probs`, read in place from any strides:
+    """`out` (dense, of `log_dtype`) = log of `probs`, read in place from any strides:
     log 0 = -inf (probability 0); a negative or NaN probability gives NaN and +inf gives +inf,
     which the kernels refuse as invalid rows (`probs_problem` names them)."""
     out.copy_(probs)

@@ -432,8 +432,10 @@ def _spy_on_fused(monkeypatch, name: str) -> list:
     seen, real = [], backend.fused
 
     def spy(x, labels, **options):
-        seen.append((x.data_ptr(), tuple(x.shape), x.is_contiguous(), x.numel() * x.element_size(),
-                     options.get("probs", False)))  # fmt: skip
+        # dense: unit class stride, and its values span exactly numel elements (no gaps, no overlap)
+        span = 1 + sum(stride * (size - 1) for stride, size in zip(x.stride(), x.shape))
+        dense = x.stride(-1) == 1 and span == x.numel()
+        seen.append((x.data_ptr(), tuple(x.shape), dense, x.numel() * x.element_size(), options.get("probs", False)))
         return real(x, labels, **options)
 
     monkeypatch.setattr(backend, "fused", spy)
@@ -443,7 +445,7 @@ def _spy_on_fused(monkeypatch, name: str) -> list:
 def test_chunks_are_bounded_and_unit_class_stride_goes_straight_to_the_kernel(monkeypatch, small_chunks):
     """What the kernel is handed: an [N, E, K] buffer's view (unit class stride), and probabilities
     for the cpu backend (which reads them), are the caller's own memory, in one call; an [N, K, E]
-    buffer's view, and probabilities for a backend that does not read them, arrive as contiguous
+    buffer's view, and probabilities for a backend that does not read them, arrive as dense
     chunks of at most the bound (copied, converted), never the whole tensor."""
     seen = _spy_on_fused(monkeypatch, "cpu")
     E, N, K = 3, 50, 8
@@ -451,7 +453,7 @@ def test_chunks_are_bounded_and_unit_class_stride_goes_straight_to_the_kernel(mo
     p = torch.softmax(x, -1)
     nek = permuted_view(x, (1, 0, 2))
     ensel.score(nek, backend="cpu")
-    assert seen == [(nek.data_ptr(), (E, N, K), False, E * N * K * 4, False)]
+    assert seen == [(nek.data_ptr(), (E, N, K), True, E * N * K * 4, False)]
     seen.clear()
     ensel.score(p, backend="cpu", kind="probs")
     assert seen == [(p.data_ptr(), (E, N, K), True, E * N * K * 4, True)]
@@ -463,7 +465,7 @@ def test_chunks_are_bounded_and_unit_class_stride_goes_straight_to_the_kernel(mo
                                         (p, "probs", "reference", converted)]:  # fmt: skip
         calls.clear()
         ensel.score(given, backend=backend, kind=kind)
-        assert len(calls) > 1 and all(contiguous for _, _, contiguous, _, _ in calls)
+        assert len(calls) > 1 and all(dense for _, _, dense, _, _ in calls)
         assert all(nbytes <= bound for _, _, _, nbytes, _ in calls), (calls, bound)
         assert sum(shape[1] for _, shape, *_ in calls) == N
         assert len({ptr for ptr, *_ in calls}) == 1  # one buffer, reused by every chunk
