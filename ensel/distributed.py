@@ -34,6 +34,7 @@ import torch.distributed as dist
 from ._fields import DIRECTION
 from ._inputs import as_int
 from .scores import outliers_skipped
+from .selection import check_strategy, draw_seed, gumbel_noise, log_weights, rank_order
 
 
 @dataclass(frozen=True)
@@ -116,11 +117,6 @@ def _direction(by: str | None, direction: str | None) -> str:
     return direction
 
 
-def _ordered(values: torch.Tensor, indices: torch.Tensor, descending: bool) -> torch.Tensor:
-    """Positions of (values, indices) in the order of `Scores.top`: by value, ties by lowest index."""
-    by_index = torch.sort(indices, stable=True).indices
-    by_value = torch.sort(values[by_index], descending=descending, stable=True).indices
-    return by_index[by_value]
 
 
 def _all_gather(t: torch.Tensor, ctx: Context, stats: dict | None) -> list[torch.Tensor]:
@@ -143,22 +139,39 @@ def global_top_k(
     exclude_top: float = 0.0,
     ctx: Context | None = None,
     stats: dict | None = None,
+    *,
+    strategy: str = "top",
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """The global indices (int64, on values' device, identical on every rank) of the k samples that
-    `Scores.top(k, by, exclude_top)` would pick from all ranks' samples together.
+    `Scores.top(k, by, exclude_top, strategy=..., generator=..., temperature=...)` would pick
+    from all ranks' samples together.
 
     values: this rank's scores [n_r] (any real dtype, the same on every rank, no NaN);
     global_indices: their sample indices [n_r] (int, distinct across ranks). The direction comes
     from `by` (a score name) or `direction` ("high" or "low"). exclude_top skips floor(x * N) of
-    the global N first. Each rank sends its count (8 bytes) and m = min(k + skip, max n_r) pairs
-    (value, int64 index): world x m x (value size + 8) bytes gathered in all.
-    `stats`, if given, receives bytes_sent (by this rank) and the number of collectives.
+    the global N first. `generator` (random ties, and the stochastic strategies "power" and
+    "softmax") must be in the same state on every rank: each draws the one seed from it, and the
+    noise of a sample is a hash of its global index (ensel/selection.py). "balanced" and
+    "softrank" need the global rank order of every sample: gather the scores (`gather_scores`)
+    and use `Scores.top`. Each rank sends its count (8 bytes) and m = min(k + skip, max n_r)
+    pairs (value, int64 index), once more for a stochastic strategy with outliers excluded:
+    world x m x (value size + 8) bytes gathered per round. `stats`, if given, receives
+    bytes_sent (by this rank) and the number of collectives.
     """
     ctx = ctx or Context()
-    descending = _direction(by, direction) == "high"
+    direction = _direction(by, direction)
+    descending = direction == "high"
     k = as_int(k, "global_top_k(k)")
     if not 0.0 <= exclude_top < 1.0:
         raise ValueError(f"global_top_k(exclude_top={exclude_top!r}): expected a fraction in [0, 1)")
+    if strategy in ("balanced", "softrank"):
+        raise ValueError(f"global_top_k(strategy={strategy!r}): needs the global rank order of every sample; "
+                         "gather the scores (ensel.distributed.gather_scores) and use Scores.top")
+    # A caller that gave only a direction is checked as a score of that direction would be.
+    score = by if by is not None else ("entropy" if descending else "margin")
+    beta = check_strategy(strategy, temperature, score, generator)
     if not isinstance(values, torch.Tensor) or not isinstance(global_indices, torch.Tensor):
         raise TypeError("global_top_k: values and global_indices must be tensors")
     if values.dim() != 1 or global_indices.shape != values.shape:
@@ -166,10 +179,9 @@ def global_top_k(
             f"global_top_k: values {tuple(values.shape)} and global_indices {tuple(global_indices.shape)} must be 1-D of one length"
         )
     has_nan = values.is_floating_point() and bool(torch.isnan(values).any())
-    out_device = values.device
     # NCCL moves only CUDA tensors; gloo only CPU ones.
     comm = ctx.device if ctx.distributed else values.device
-    indices = global_indices.to(out_device, torch.int64)
+    indices = global_indices.to(values.device, torch.int64)
 
     # A rank holding NaN sends the count -1, so that every rank raises here: one rank raising
     # alone would leave the others waiting in the next collective.
@@ -182,11 +194,28 @@ def global_top_k(
     skip = outliers_skipped(exclude_top, n)
     if not 0 <= k <= n - skip:
         raise ValueError(f"global_top_k(k={k}): there are {n} samples, {skip} of them excluded as outliers")
-    m = min(k + skip, int(counts.max()))
+    seed = None if generator is None else draw_seed(generator)
+    if strategy == "top":
+        return _merged_top(values, indices, counts, k, skip, descending, seed, ctx, comm, stats)
+    # Stochastic: the outliers (the rank order's first `skip`) leave first, then the k largest
+    # Gumbel keys of the rest, ties (two -inf weights) by index, as sampling_order takes them.
+    if skip:
+        outliers = _merged_top(values, indices, counts, skip, 0, descending, seed, ctx, comm, stats)
+        keep = ~torch.isin(indices, outliers.to(indices.device))
+        values, indices = values[keep], indices[keep]
+        counts = torch.cat(_all_gather(torch.tensor([values.numel()], dtype=torch.int64, device=comm), ctx, stats))
+    keys = log_weights(values, score, strategy, beta, None) + gumbel_noise(seed, indices)
+    return _merged_top(keys, indices, counts, k, 0, True, None, ctx, comm, stats)
 
+
+def _merged_top(values, indices, counts, k, skip, descending, seed, ctx, comm, stats) -> torch.Tensor:
+    """The global indices of positions [skip, skip + k) of the global rank order (rank_order with
+    tie seed `seed`) of all ranks' (values, indices); `counts`: every rank's number of samples."""
+    out_device = values.device
+    m = min(k + skip, int(counts.max()))
     # Both sorts run where the values are, as `Scores.top` would there (sorts on different
     # devices need not agree on -0.0 vs +0.0); only the collectives use the comm device (NCCL's).
-    order = _ordered(values, indices, descending)[:m]
+    order = rank_order(values, indices, descending, seed)[:m]
     local = order.numel()
     send_values = torch.zeros(m, dtype=values.dtype, device=comm)
     send_indices = torch.full((m,), -1, dtype=torch.int64, device=comm)
@@ -199,7 +228,7 @@ def global_top_k(
     taken = [min(int(c), m) for c in counts]
     cand_values = torch.cat([v[:t] for v, t in zip(all_values, taken)]).to(out_device)
     cand_indices = torch.cat([i[:t] for i, t in zip(all_indices, taken)]).to(out_device)
-    merged = _ordered(cand_values, cand_indices, descending)[skip : skip + k]
+    merged = rank_order(cand_values, cand_indices, descending, seed)[skip : skip + k]
     return cand_indices[merged]
 
 

@@ -1,4 +1,4 @@
-"""`Scores`: every score of the contract for N samples, and deterministic top-k selection."""
+"""`Scores`: every score of the contract for N samples, and the selection of the samples to acquire."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from ._fields import ALL_FIELDS, DIRECTION, FLOAT_FIELDS, INT_FIELDS, LABEL_FIELDS
 from ._inputs import as_int
+from .selection import balanced, check_strategy, draw_seed, gumbel_noise, log_weights, rank_order, sampling_order
 
 
 def empty_columns(device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,13 +67,28 @@ class Scores:
         """The available scores by name, in the contract's order."""
         return {name: getattr(self, name) for name in ALL_FIELDS if getattr(self, name) is not None}
 
-    def top(self, k: int, by: str, exclude_top: float = 0.0) -> torch.Tensor:
-        """Indices (int64, on the scores' device) of the k samples to acquire by score `by`.
+    def top(
+        self,
+        k: int,
+        by: str,
+        exclude_top: float = 0.0,
+        *,
+        strategy: str = "top",
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Indices (int64, on the scores' device) of the k samples to acquire by score `by`
+        (ensel/selection.py has the rules, shared with the distributed global top-k).
 
-        The most uncertain come first: the highest values, or the lowest for `margin`. Equal scores
-        are taken in increasing sample index, so the selection is deterministic. `exclude_top`
-        skips that fraction of the most uncertain samples first, as outliers (paper, Table 5):
-        floor(exclude_top * N) of them. NaN values are refused (ValueError).
+        The rank order puts the most uncertain first: the highest values, or the lowest for
+        `margin`. Equal scores are taken in increasing sample index, so the selection is
+        deterministic, or, given `generator`, in a random order drawn from it (one draw per
+        call). `exclude_top` skips that fraction of the rank order first, as outliers (paper,
+        Table 5): floor(exclude_top * N) samples. `strategy`: "top" (the next k), "balanced"
+        (quotas of k // C per predicted class `mode`, the remainder by the rank order), or the
+        stochastic "power", "softmax", "softrank" (Kirsch et al. 2023; need `generator`; weights
+        s^beta, exp(beta s), rank^-beta with beta = 1 / temperature). NaN values are refused
+        (ValueError).
         """
         if by not in DIRECTION:
             known = ", ".join(sorted(DIRECTION))
@@ -83,6 +99,7 @@ class Scores:
         k = as_int(k, "top(k)")
         if not 0.0 <= exclude_top < 1.0:
             raise ValueError(f"top(exclude_top={exclude_top!r}): expected a fraction in [0, 1)")
+        beta = check_strategy(strategy, temperature, by, generator)
         n = self.num_samples
         skip = outliers_skipped(exclude_top, n)
         if not 0 <= k <= n - skip:
@@ -93,9 +110,16 @@ class Scores:
                 # A sort puts NaN first in descending order: it would be "the most uncertain".
                 first = int(nan.nonzero()[0, 0])
                 raise ValueError(f"top(by={by!r}): the scores hold NaN (first at sample {first}); NaN has no rank")
-        # A stable sort keeps equal scores in index order.
-        order = torch.sort(values, descending=DIRECTION[by] == "high", stable=True).indices
-        return order[skip : skip + k]
+        seed = None if generator is None else draw_seed(generator)
+        positions = torch.arange(n, device=values.device)
+        candidates = rank_order(values, positions, DIRECTION[by] == "high", seed)[skip:]
+        if strategy == "top":
+            return candidates[:k]
+        if strategy == "balanced":
+            return balanced(candidates, self.mode, k)
+        ranks = torch.arange(1, candidates.numel() + 1, device=values.device)
+        keys = log_weights(values[candidates], by, strategy, beta, ranks) + gumbel_noise(seed, candidates)
+        return candidates[sampling_order(keys, candidates)[:k]]
 
     def __repr__(self) -> str:
         names = ", ".join(self.to_dict())

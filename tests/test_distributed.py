@@ -56,6 +56,24 @@ def topk_cases():
     return cases
 
 
+def strategy_cases():
+    """(name, values, rank sizes, permuted, by, k, exclude_top, strategy, seed): random ties and
+    the stochastic strategies that merge across ranks (power, softmax), with and without
+    outliers, on tie-heavy integer scores and on reals; a seed per case."""
+    g = torch.Generator().manual_seed(9)
+    ints = torch.randint(0, 5, (101,), generator=g).float()
+    reals = torch.rand(300, generator=g)
+    cases = []
+    for seed, (by, values, sizes) in enumerate([("variation_ratio", ints, (60, 41)), ("mutual_info", reals, (150, 150)),
+                                                ("margin", reals, (0, 300))]):  # fmt: skip
+        for strategy in ("top", "power", "softmax"):
+            if strategy == "power" and by == "margin":
+                continue
+            for k, ex in ((7, 0.0), (40, 0.1)):
+                cases.append((f"{strategy}-{by}-{k}-{ex}", values, sizes, True, by, k, ex, strategy, 100 + seed))
+    return cases
+
+
 def rank_pieces(n, sizes, permuted):
     """The global indices each rank holds."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(n)) if permuted else torch.arange(n)
@@ -114,6 +132,10 @@ def worker(mode: str, out: Path):
         for name, values, sizes, permuted, by, k, ex in topk_cases():
             mine = rank_pieces(len(values), sizes, permuted)[ctx.rank]
             results[name] = distributed.global_top_k(values[mine], mine, k, by=by, exclude_top=ex, ctx=ctx)
+        for name, values, sizes, permuted, by, k, ex, strategy, seed in strategy_cases():
+            mine = rank_pieces(len(values), sizes, permuted)[ctx.rank]
+            results[name] = distributed.global_top_k(values[mine], mine, k, by=by, exclude_top=ex, ctx=ctx,
+                                                     strategy=strategy, generator=torch.Generator().manual_seed(seed))
         # NaN on rank 1 only: every rank must raise, not rank 1 alone (the others would then wait
         # in a collective rank 1 never enters, and the all_gather_object below would hang).
         try:
@@ -196,6 +218,11 @@ def test_global_top_k_matches_single_process_top(two_rank_runs):
             got = results[name]
             assert got.dtype == torch.int64, name
             assert torch.equal(got, expected), f"{name} on rank {rank}: {got.tolist()} != {expected.tolist()}"
+    for name, values, sizes, permuted, by, k, ex, strategy, seed in strategy_cases():
+        g = torch.Generator().manual_seed(seed)
+        expected = scores_with(by, values).top(k, by=by, exclude_top=ex, strategy=strategy, generator=g)
+        for rank, results in enumerate(per_rank):
+            assert torch.equal(results[name], expected), f"{name} on rank {rank}: {results[name].tolist()} != {expected.tolist()}"
     for rank, results in enumerate(per_rank):
         assert "NaN" in results["nan"] and "rank(s) [1]" in results["nan"], (rank, results["nan"])
     # The cases do exercise what they claim: a rank with fewer samples than k + excluded.
