@@ -67,7 +67,7 @@ import math
 import numpy as np
 import torch
 
-from .. import score
+from .. import backends, score
 from .._chunks import chunk_samples
 from .._inputs import as_tensor
 from ._common import require, scores_of, votes_of
@@ -118,12 +118,14 @@ def _member_probas(probas, num_candidates: int | None = None) -> torch.Tensor:
 
 def _clipped_mutual_info(x: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
     """ensel's mutual_info of p' = clip(p, eps, 1) / sum(clip(p, eps, 1)), skactiveml's clipped and
-    renormalized probabilities: log(clip(p, eps, 1)) scored as log-probabilities (softmax
-    renormalizes), converted chunk by chunk of samples into one reused buffer."""
+    renormalized probabilities, clipped chunk by chunk of samples in one reused buffer: scored as
+    probabilities where the backend reads them (the kernel renormalizes), else as their logs
+    (log-probabilities: softmax renormalizes)."""
     E, N, K = x.shape
-    # float32 logs of float32 (and half) probabilities: mutual_info is continuous (a rounded log
-    # moves it by float32 rounding, well inside the tolerance), and the kernel reads half the bytes.
+    # float32 copies of float32 (and half) probabilities: mutual_info is continuous (a rounded
+    # value moves it by float32 rounding, well inside the tolerance), and the kernel reads half the bytes.
     dtype = torch.float64 if x.dtype == torch.float64 or not x.dtype.is_floating_point else torch.float32
+    reads_probs = backends.resolve(backend, x.device).reads_probs
     out = torch.empty(N, dtype=torch.float32, device=x.device)
     step = min(chunk_samples(E, K, dtype), max(N, 1))
     buffer = torch.empty((E, step, K), dtype=dtype, device=x.device)
@@ -133,8 +135,11 @@ def _clipped_mutual_info(x: torch.Tensor, eps: float, backend: str) -> torch.Ten
         lo, hi = torch.aminmax(staged)  # NaN propagates: one cheap pass decides
         if not (float(lo) > -math.inf and float(hi) < math.inf):
             _raise_not_finite(staged, start)
-        staged.clamp_(eps, 1.0).log_()
-        out[start : start + block.shape[1]] = score(staged, kind="log_probs", backend=backend).mutual_info
+        staged.clamp_(eps, 1.0)
+        if not reads_probs:
+            staged.log_()
+        kind = "probs" if reads_probs else "log_probs"
+        out[start : start + block.shape[1]] = score(staged, kind=kind, backend=backend).mutual_info
     return out
 
 
