@@ -30,6 +30,7 @@ from . import _fields
 from ._inputs import resolve_device
 from ._io import atomic_write
 from .scores import outliers_skipped
+from .selection import STRATEGIES
 
 
 class UsageError(Exception):
@@ -353,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-top", type=float, default=0.0,
                    help="fraction of the most uncertain scored samples skipped as outliers (of the whole pool in "
                         "compress/pretrain, of the unselected samples in build_up)")
+    p.add_argument("--acquisition", default="top", choices=STRATEGIES,
+                   help="how the scored samples are chosen: top (the most uncertain), balanced (quotas per "
+                        "predicted class), or drawn at random with weights score^(1/T) (power), exp(score/T) "
+                        "(softmax) or rank^(-1/T) (softrank), Kirsch et al. 2023")
+    p.add_argument("--temperature", type=float, default=1.0, help="T of --acquisition power/softmax/softrank")
+    p.add_argument("--ties", default="random", choices=("random", "index"),
+                   help="equal scores at the cut: in a random order drawn per trial and stage from --seed "
+                        "(default), or by lowest pool index (what runs made before this option did)")
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="pretrain: lr of the fine-tuning")
     p.add_argument("--no-full", action="store_true", help="build_up: skip the whole-pool baseline")
     p.add_argument("--save-logits", action="store_true", help="also write each member's float16 logits (.npy)")

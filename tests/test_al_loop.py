@@ -175,7 +175,7 @@ def test_scores_saved_before_vote_entropy_still_resume(reference, tmp_path):
     # A new run selecting by vote_entropy from a copy of that (old) initial stage.
     new = tmp_path / "new"
     shutil.copytree(out / "trial0" / "init", new / "trial0" / "init")
-    cfg = tiny(methods=("vote_entropy",), sizes=(40,))
+    cfg = tiny(methods=("vote_entropy",), sizes=(40,), ties="index")  # the expected subset below ranks ties by index
     with pytest.raises(ValueError, match=r"scores\.pt was written before the score 'vote_entropy' existed; delete it"):
         Experiment(cfg, new, progress=False, log=lambda *_: None).run()
     path_new = new / "trial0" / "init" / "acquisition" / "scores.pt"
@@ -189,6 +189,61 @@ def test_scores_saved_before_vote_entropy_still_resume(reference, tmp_path):
     init = np.load(new / "trial0" / "init" / "subset.npy")
     picked = candidates[torch.sort(ve, descending=True, stable=True).indices[:20].numpy()]
     assert set(np.load(new / "trial0" / "vote_entropy" / "size40" / "subset.npy")) == set(init) | set(picked)
+
+
+def _acquired(out: Path, method: str, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(new samples of trial0/method/size{size}, the init stage's candidates, its saved scores)."""
+    candidates, saved = _load_scores(out / "trial0" / "init" / "acquisition" / "scores.pt")
+    init = np.load(out / "trial0" / "init" / "subset.npy")
+    new = np.setdiff1d(np.load(out / "trial0" / method / f"size{size}" / "subset.npy"), init)
+    return new, candidates, saved["fields"]
+
+
+def test_ties_and_acquisition_strategies_in_a_run(reference, tmp_path):
+    """From the reference run's initial stage (4 members: variation_ratio takes 3 values, so the
+    cut of 20 falls inside a tie group): ties by index take the group's lowest pool indices;
+    random ties (the default) take the same values at the cut but other samples, the same ones
+    again in another directory; balanced meets its class quotas; and a run directory from before
+    these options existed resumes as what it computed (ties by index) and refuses the rest."""
+    ref_out, _, _ = reference
+    runs = {}
+    for name, options in [("index", dict(ties="index")), ("random", {}), ("again", {}),
+                          ("balanced", dict(acquisition="balanced"))]:  # fmt: skip
+        out = tmp_path / name
+        shutil.copytree(ref_out / "trial0" / "init", out / "trial0" / "init")
+        Experiment(tiny(methods=("variation_ratio",), sizes=(40,), **options), out, progress=False,
+                   log=lambda *_: None).run()  # fmt: skip
+        runs[name] = _acquired(out, "variation_ratio", 40)
+    new, candidates, fields = runs["index"]
+    vr = fields["variation_ratio"].numpy()
+    by_index = candidates[np.lexsort((candidates, -vr))[:20]]  # by value, then pool index
+    assert set(new) == set(by_index)
+    cut = np.sort(vr)[::-1][19]
+    assert (vr > cut).sum() < 20 < (vr >= cut).sum()  # the cut falls inside a tie group
+    value_of = dict(zip(candidates, vr))
+    random_new = runs["random"][0]
+    assert sorted(value_of[i] for i in random_new) == sorted(value_of[i] for i in by_index)
+    assert set(random_new) != set(by_index)
+    assert np.array_equal(random_new, runs["again"][0])
+    mode_of = dict(zip(candidates, fields["mode"].numpy()))
+    predicted = np.unique(fields["mode"].numpy())
+    quota = 20 // len(predicted)
+    got = np.bincount([mode_of[i] for i in runs["balanced"][0]], minlength=10)
+    available = np.bincount(fields["mode"].numpy(), minlength=10)
+    assert all(got[c] >= min(quota, available[c]) for c in predicted)
+    # A directory whose config.json predates the options: what it computed was ties by index.
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "index", old)
+    config = json.loads((old / "config.json").read_text())
+    for key in ("acquisition", "temperature", "ties"):
+        del config[key]
+    (old / "config.json").write_text(json.dumps(config))
+    counter = Counter()
+    Experiment(tiny(methods=("variation_ratio",), sizes=(40,), ties="index"), old, hook=counter, progress=False,
+               log=lambda *_: None).run()  # fmt: skip
+    assert (counter.epochs, counter.members) == (0, 0)
+    with pytest.raises(ValueError, match=r"another configuration \(differs in ties\)"):
+        Experiment(tiny(methods=("variation_ratio",), sizes=(40,)), old, progress=False).run()
 
 
 def test_compress_and_pretrain_schemes(tmp_path):

@@ -115,7 +115,8 @@ def cmd_run(a) -> int:
         data=a.data, data_root=a.data_root, image_size=a.image_size, workers=a.workers, scheme=a.scheme,
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()), sizes=_sizes(a.sizes, "--sizes"),
         initial=_sizes(a.initial, "--initial")[0], trials=a.trials, runs=a.runs, ensemble=a.ensemble, last=a.last,
-        stride=a.stride, exclude_top=a.exclude_top, full=not a.no_full, seed=a.seed, device=a.device,
+        stride=a.stride, exclude_top=a.exclude_top, acquisition=a.acquisition, temperature=a.temperature,
+        ties=a.ties, full=not a.no_full, seed=a.seed, device=a.device,
         save_logits=a.save_logits, finetune_lr=a.finetune_lr, train=_train_config(a),
     )
     ctx = init_from_env()  # under torchrun: runs, inference and selection spread over the ranks

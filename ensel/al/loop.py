@@ -45,11 +45,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .._fields import DIRECTION
 from .._inputs import resolve_device
 from ..distributed import Context
 from ..scores import outliers_skipped
+from ..selection import check_strategy
 from . import stages
 from .data import load_dataset
 from .ensembles import CONFIGS
@@ -61,6 +63,7 @@ from .training import TrainConfig
 __all__ = ["Experiment", "ExperimentConfig", "parse_size", "shard_dir", "size_count", "transfer"]
 
 SCHEMES = ("build_up", "pretrain", "compress")
+TIES = ("random", "index")
 
 
 @dataclass
@@ -79,6 +82,9 @@ class ExperimentConfig:
     last: int = 4  # its n (checkpoints / combined)
     stride: int = 1
     exclude_top: float = 0.0  # fraction of the most uncertain skipped as outliers (Table 5)
+    acquisition: str = "top"  # Scores.top's strategy: top, balanced, power, softmax, softrank
+    temperature: float = 1.0  # of the stochastic strategies
+    ties: str = "random"  # equal scores at the cut: "random" (a seed per trial and stage) or "index"
     full: bool = True  # train the whole-pool baseline
     finetune_lr: float = 1e-3
     seed: int = 0
@@ -111,6 +117,11 @@ class ExperimentConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be at least 1")
         if not 0.0 <= self.exclude_top < 1.0:
             raise ValueError(f"exclude_top={self.exclude_top!r}: expected a fraction in [0, 1)")
+        if self.ties not in TIES:
+            raise ValueError(f"ties={self.ties!r}: choose one of {', '.join(TIES)}")
+        for m in self.methods:  # the strategy's own refusals (power on margin, a bad temperature), now
+            if m != "random":
+                check_strategy(self.acquisition, self.temperature, m, torch.Generator())
         # (NaN would also never equal itself in config.json: a new directory would refuse its own run.)
         if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
             raise ValueError(f"finetune_lr={self.finetune_lr!r}: a learning rate is a positive number")

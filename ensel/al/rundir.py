@@ -36,6 +36,10 @@ LOCK_FILE = ".lock"
 # Where it runs is not what it computes: a run started on a CPU may resume on a GPU.
 _WHERE_IT_RUNS = frozenset({"device", "workers"})
 
+# Options added after run directories were first written, with the value that gives what such a
+# directory computed: an old run resumes when asked for that, and refuses anything else.
+_BEFORE_THEY_EXISTED = {"acquisition": "top", "temperature": 1.0, "ties": "index"}
+
 
 @contextlib.contextmanager
 def lock(path: str | os.PathLike) -> Iterator[None]:
@@ -153,6 +157,7 @@ def _claim(out: Path, config: dict) -> None:
         atomic_json(saved, mine)
         return
     theirs = json.loads(saved.read_text())
+    theirs = {**_BEFORE_THEY_EXISTED, **theirs}
     diff = sorted(k for k in set(theirs) | set(mine) if k not in _WHERE_IT_RUNS and theirs.get(k) != mine.get(k))
     if diff:
         raise ValueError(f"{out} holds a run with another configuration (differs in {', '.join(diff)}); use another --out")

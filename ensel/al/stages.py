@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 from ..distributed import Context, gather_scores, global_top_k, shard
 from ..scores import Scores
+from ..selection import STOCHASTIC
 from .ensembles import ensemble_members
 from .inference import ensemble_val_accuracy, score_members
 from .rundir import RunDir
@@ -227,15 +229,32 @@ def _scores_from(saved: dict) -> Scores:
     return Scores(num_members=saved["num_members"], **fields)
 
 
+def selection_generator(env: Env, stage: Path) -> torch.Generator | None:
+    """The generator of one acquisition's random ties and draws (None: ties by index, plain top):
+    seeded by the run's seed and the stage's place in the run directory (trial, method, size), so
+    every trial and stage draws its own, and a resumed run or another rank draws the same."""
+    cfg = env.cfg
+    if cfg.ties == "index" and cfg.acquisition not in STOCHASTIC:
+        return None
+    where = zlib.crc32(Path(env.name(stage)).as_posix().encode())
+    seed = int(np.random.SeedSequence([cfg.seed, where]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
 def acquire(env: Env, stage: Path, subset: np.ndarray, method: str, count: int) -> np.ndarray:
-    """`count` new samples for `method` (a score name) from the acquisition ensemble of `stage`."""
+    """`count` new samples for `method` (a score name) from the acquisition ensemble of `stage`,
+    by the run's strategy (`Scores.top`)."""
     candidates, scores = score(env, stage, subset, need=method)
-    ctx = env.ctx
-    if not ctx.distributed:
-        picked = scores.top(count, by=method, exclude_top=env.cfg.exclude_top)
+    ctx, cfg = env.ctx, env.cfg
+    options = dict(exclude_top=cfg.exclude_top, strategy=cfg.acquisition, temperature=cfg.temperature,
+                   generator=selection_generator(env, stage))
+    # Every rank holds every candidate's scores. The strategies that need the global rank order
+    # select from them on every rank alike; the others merge the ranks' shards (global_top_k),
+    # by Scores.top's rule, so the same subset.
+    if not ctx.distributed or cfg.acquisition in ("balanced", "softrank"):
+        picked = scores.top(count, by=method, **options)
         return candidates[picked.numpy()]
-    # Each rank offers its shard's top; the merge is Scores.top's rule, so the same subset.
     start, stop = shard(len(candidates), ctx.rank, ctx.world)
     values = getattr(scores, method)[start:stop]
-    picked = global_top_k(values, torch.arange(start, stop), count, by=method, exclude_top=env.cfg.exclude_top, ctx=ctx)
+    picked = global_top_k(values, torch.arange(start, stop), count, by=method, ctx=ctx, **options)
     return candidates[picked.cpu().numpy()]
