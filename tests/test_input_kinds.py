@@ -694,10 +694,13 @@ def memory_probe(mode: str) -> dict:
 
 @pytest.mark.parametrize("mode", ["NKE", "NEK", "probs"])
 def test_a_200_mb_view_or_probabilities_allocate_one_chunk_beyond_the_input(mode):
+    """A class-strided view: one chunk and the outputs. A unit-class-stride view, and
+    probabilities (which the cpu kernels read as they are): the outputs alone."""
     m = memory_probe(mode)
     print(mode, m)
     assert m["input"] >= 200e6
-    assert m["extra"] < m["chunk"] + m["outputs"] + ALLOWANCE, m
+    chunk = m["chunk"] if mode == "NKE" else 0
+    assert m["extra"] < chunk + m["outputs"] + ALLOWANCE, m
 
 
 def test_the_memory_probe_sees_a_whole_copy():
