@@ -301,9 +301,20 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="ImageFolder DataLoader workers")
 
 
+def _arch(text: str) -> str:
+    from .al.models import parse_arch  # torchvision's import only when a command trains
+
+    try:
+        parse_arch(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _add_train(p: argparse.ArgumentParser, epochs: int) -> None:
-    p.add_argument("--arch", default="resnet10", choices=("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "densenet121"),
-                   help="the model")
+    p.add_argument("--arch", default="resnet10", type=_arch,
+                   help="the model: resnet10, resnet18, resnet34, resnet50, resnet101 or densenet121; a ResNet "
+                        "with -w<N> has base width N instead of 64 (resnet10-w16: about 1/16 of the compute)")
     p.add_argument("--schedule", default="step", choices=("step", "patience"),
                    help="step: x0.1 at 70/150 and 130/150 of --epochs (ImageNet); patience: the CIFAR schedule")
     p.add_argument("--epochs", type=int, default=epochs, help="step schedule length (paper: 150)")

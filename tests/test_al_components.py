@@ -40,6 +40,34 @@ def test_resnet10_is_one_basic_block_per_stage_and_large_stem_keeps_7x7():
         build_model("vgg11", 10)
 
 
+@pytest.mark.parametrize("arch, width, blocks", [("resnet10-w16", 16, [1, 1, 1, 1]), ("resnet18-w8", 8, [2, 2, 2, 2]),
+                                                  ("resnet50-w16", 16, [3, 4, 6, 3])])  # fmt: skip
+def test_resnet_widths(arch, width, blocks):
+    """-w<N>: stages of N, 2N, 4N, 8N channels (x4 out of a Bottleneck), torchvision's blocks and
+    stems; the parameters of the convolutions scale as (N / 64)^2 against the full width."""
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=10, in_channels=1, image_size=28).eval()
+    full = build_model(arch.split("-")[0], num_classes=10, in_channels=1, image_size=28)
+    expansion = 4 if arch.startswith("resnet50") else 1
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == blocks
+    assert [getattr(model, f"layer{i}")[-1].conv1.out_channels for i in range(1, 5)] == [width * c for c in (1, 2, 4, 8)]
+    assert model.conv1.out_channels == width and model.fc.in_features == 8 * width * expansion
+    assert (model.conv1.kernel_size, model.conv1.in_channels) == ((3, 3), 1)
+    convs = lambda m: sum(c.weight.numel() for c in m.modules() if isinstance(c, nn.Conv2d))  # noqa: E731
+    ratio = convs(model) / convs(full)
+    assert abs(ratio - (width / 64) ** 2) < 0.02 * (width / 64) ** 2, ratio
+    with torch.no_grad():
+        assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("arch", ["resnet10-w", "resnet10-w0", "resnet10-w016", "densenet121-w16", "resnet10-w16x", "vgg-w8"])
+def test_bad_widths_are_refused_in_one_line(arch):
+    with pytest.raises(ValueError, match="arch="):
+        build_model(arch, 10)
+    with pytest.raises(ValueError, match="arch="):
+        TrainConfig(arch=arch)
+
+
 # -- schedules ------------------------------------------------------------------------------------
 
 

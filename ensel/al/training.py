@@ -30,7 +30,7 @@ from torch import nn
 
 from .._inputs import resolve_device
 from .._io import atomic_write, atomic_write_bytes
-from .models import ARCHITECTURES, build_model
+from .models import build_model, parse_arch
 
 SCHEDULES = ("step", "patience")
 
@@ -62,8 +62,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if self.arch not in ARCHITECTURES:  # build_model would only refuse it when the first run starts
-            raise ValueError(f"arch={self.arch!r}: unknown; choose one of {', '.join(ARCHITECTURES)}")
+        parse_arch(self.arch)  # build_model would only refuse it when the first run starts
         for name in ("epochs", "patience", "max_epochs", "batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be at least 1")
