@@ -293,10 +293,14 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="digits", choices=("digits", "cifar10", "cifar100", "imagefolder"), help="the dataset")
+    p.add_argument("--data", default="digits", choices=("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder"),
+                   help="the dataset")
     p.add_argument("--data-root", default=None,
-                   help="local folder holding cifar-10-batches-py/, cifar-100-python/, or train/ and val/ class "
-                        "folders (nothing is downloaded)")
+                   help="local folder holding the IDX files (fashion-mnist default: /usr/share/datasets/fashion-mnist, "
+                        "Debian's dataset-fashion-mnist), cifar-10-batches-py/, cifar-100-python/, or train/ and val/ "
+                        "class folders (nothing is downloaded)")
+    p.add_argument("--pool-size", type=_int_at_least(1), default=None,
+                   help="fashion-mnist/mnist: train on a stratified subset of the pool of this size (fixed seed)")
     p.add_argument("--image-size", type=int, default=224, help="ImageFolder crop size (32 or less: small-image stem)")
     p.add_argument("--workers", type=int, default=2, help="ImageFolder DataLoader workers")
 

@@ -112,7 +112,8 @@ def _demo_consensus(exp, out: Path) -> None:
 
 def cmd_run(a) -> int:
     cfg = ExperimentConfig(
-        data=a.data, data_root=a.data_root, image_size=a.image_size, workers=a.workers, scheme=a.scheme,
+        data=a.data, data_root=a.data_root, image_size=a.image_size, workers=a.workers, pool_size=a.pool_size,
+        scheme=a.scheme,
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()), sizes=_sizes(a.sizes, "--sizes"),
         initial=_sizes(a.initial, "--initial")[0], trials=a.trials, runs=a.runs, ensemble=a.ensemble, last=a.last,
         stride=a.stride, exclude_top=a.exclude_top, acquisition=a.acquisition, temperature=a.temperature,
@@ -135,7 +136,8 @@ def cmd_transfer(a) -> int:
     # loaded; a file that is no subset at all is refused here, before the dataset is read.
     if len(load_indices(a.subset, "--subset")) == 0:
         raise ValueError(f"--subset {a.subset}: the subset is empty")
-    cfg = ExperimentConfig(data=a.data, data_root=a.data_root, image_size=a.image_size, workers=a.workers, trials=a.trials, runs=a.runs,
+    cfg = ExperimentConfig(data=a.data, data_root=a.data_root, image_size=a.image_size, workers=a.workers,
+                           pool_size=a.pool_size, trials=a.trials, runs=a.runs,
                            seed=a.seed, device=a.device, train=_train_config(a))
     rows = transfer(a.subset, cfg, a.out, progress=not a.no_progress)
     ens = np.array([r["ensemble_acc"] for r in rows])
@@ -165,7 +167,7 @@ def cmd_consensus(a) -> int:
         arrays = open_logit_files(a.files)[-a.last :]
         curves["files"] = consensus_counts([argmax_of_logits(x) for x in arrays])
     else:
-        data = load_dataset(a.data, a.data_root, a.image_size, a.workers)
+        data = load_dataset(a.data, a.data_root, a.image_size, a.workers, a.pool_size)
         for run_dir in a.run_dir:
             run_dir = Path(run_dir)
             arch = load_run(run_dir)["config"]["arch"]

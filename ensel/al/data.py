@@ -1,6 +1,11 @@
 """Datasets for the active-learning layer: a labeled pool (the training split) and a validation split.
 
 - `digits`: scikit-learn's 1797 8x8 digits, embedded and offline; a fixed 75/25 split (seed 0).
+- `fashion-mnist`, `mnist`: the original IDX files (`train-images-idx3-ubyte` and the three
+  others, gzipped or not) from `--data-root`, for Fashion-MNIST by default where Debian's package
+  `dataset-fashion-mnist` installs them. The pool is the official training split less a
+  validation split of 1/12 of it (5,000 images) held out (stratified by class, seed 0) for choosing
+  epochs, as the paper holds one out; the official 10,000-image test split is kept as "test".
 - `cifar10`, `cifar100`: torchvision's CIFAR datasets from a local root (the pickled
   `cifar-10-batches-py` / `cifar-100-python` folders); the test batch is the validation split.
 - `imagefolder`: torchvision's ImageFolder (ImageNet layout) from `<root>/train` and `<root>/val`.
@@ -19,7 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder")
+# Where Debian's package dataset-fashion-mnist puts the original files.
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -271,7 +280,98 @@ def load_cifar(root: str | Path, num_classes: int = 10) -> TensorDataset:
     )
 
 
-def load_dataset(name: str, data_root: str | Path | None = None, image_size: int = 224, workers: int = 2) -> Dataset:
+def read_idx(path: Path, magic: int, what: str) -> np.ndarray:
+    """An IDX array (uint8 images [n, rows, cols] for magic 0x803, labels [n] for 0x801) from
+    `path` or `path` + ".gz"; ValueError naming the file for anything malformed."""
+    import gzip
+
+    for candidate in (path, path.with_name(path.name + ".gz")):
+        if candidate.is_file():
+            break
+    else:
+        raise FileNotFoundError(f"{what}: {path} (or {path.name}.gz) is missing")
+    opener = gzip.open if candidate.suffix == ".gz" else open
+    try:
+        with opener(candidate, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # a truncated or corrupt gzip stream
+        raise ValueError(f"{candidate}: not a readable file ({e})") from None
+    if len(raw) < 4 or int.from_bytes(raw[:4], "big") != magic:
+        found = raw[:4].hex() if len(raw) >= 4 else f"{len(raw)} bytes"
+        raise ValueError(f"{candidate}: not an IDX file of {what} (magic {found}, expected {magic:08x})")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{candidate}: truncated IDX header")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    size = int(np.prod(dims))
+    if len(raw) != header + size:
+        raise ValueError(f"{candidate}: {len(raw) - header} bytes of data for shape {tuple(dims)} ({size} expected)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def stratified(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """A boolean mask of `count` of `labels`' samples, each class giving count / N of its own
+    (rounded by largest remainders), drawn at random by `seed`."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    counts = torch.bincount(labels).double()
+    share = counts * count / len(labels)
+    take = share.floor().long()
+    take[torch.argsort(share - share.floor(), descending=True, stable=True)[: count - int(take.sum())]] += 1
+    shuffled = labels[order]
+    rank_in_class = torch.empty_like(order)
+    for c in range(len(counts)):
+        members = (shuffled == c).nonzero()[:, 0]
+        rank_in_class[members] = torch.arange(len(members))
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    mask[order] = rank_in_class < take[shuffled]
+    return mask
+
+
+def load_idx(name: str, root: str | Path | None = None, seed: int = 0, pool_size: int | None = None) -> TensorDataset:
+    """Fashion-MNIST or MNIST from their IDX files under `root` (for Fashion-MNIST by default
+    FASHION_MNIST_ROOT): the pool and a stratified validation split of 1/12 of the training
+    images (5,000 of the official 60,000) held out of them, and the official test split as "test". `pool_size`: a stratified
+    subset of the pool that size (seed + 1), for machines that cannot train on all of it."""
+    if root is None:
+        if name != "fashion-mnist":
+            raise ValueError(f"data={name!r} needs --data-root, the folder of its IDX files (nothing is downloaded)")
+        root = FASHION_MNIST_ROOT
+    root = Path(root)
+    splits = {}
+    try:
+        for split, (images_file, labels_file) in IDX_FILES.items():
+            images = read_idx(root / images_file, 0x803, f"{name} {split} images")
+            labels = read_idx(root / labels_file, 0x801, f"{name} {split} labels")
+            if len(images) != len(labels):
+                raise ValueError(f"{root}: {len(images)} {split} images but {len(labels)} labels")
+            if labels.size and int(labels.max()) > 9:
+                raise ValueError(f"{root / labels_file}: label {int(labels.max())} outside 0..9")
+            splits[split] = (torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
+    except FileNotFoundError as e:
+        hint = " (install Debian's package: apt-get install dataset-fashion-mnist, or pass --data-root)" if name == "fashion-mnist" else " (pass --data-root)"
+        raise FileNotFoundError(f"{e}{hint}") from None
+    images, labels = splits["train"]
+    val_count = round(len(labels) / 12)
+    if not 0 < val_count < len(labels):
+        raise ValueError(f"{root}: {len(labels)} training images are too few to hold out a validation split")
+    is_val = stratified(labels, val_count, seed)
+    val, pool = is_val.nonzero()[:, 0], (~is_val).nonzero()[:, 0]
+    if pool_size is not None:
+        if not 0 < pool_size <= len(pool):
+            raise ValueError(f"pool_size={pool_size}: expected 1..{len(pool)} (the {name} pool)")
+        pool = pool[stratified(labels[pool], pool_size, seed + 1)]
+    data = TensorDataset(name, images[pool], labels[pool], images[val], labels[val], 10, 1 / 255, _Aug(pad=2, flip=False))
+    data.test_images, data.test_labels = splits["test"]
+    return data
+
+
+def load_dataset(name: str, data_root: str | Path | None = None, image_size: int = 224, workers: int = 2,
+                 pool_size: int | None = None) -> Dataset:
+    if name in ("fashion-mnist", "mnist"):
+        return load_idx(name, data_root, pool_size=pool_size)
+    if pool_size is not None:
+        raise ValueError(f"pool_size: only fashion-mnist and mnist draw a pool subset, not {name}")
     if name == "digits":
         return load_digits()
     if name in ("cifar10", "cifar100", "imagefolder") and data_root is None:

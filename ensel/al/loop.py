@@ -72,6 +72,7 @@ class ExperimentConfig:
     data_root: str | None = None
     image_size: int = 224
     workers: int = 2  # DataLoader workers for ImageFolder
+    pool_size: int | None = None  # fashion-mnist/mnist: a stratified subset of the pool (seeded, fixed)
     scheme: str = "build_up"
     methods: tuple[str, ...] = ("mutual_info", "variation_ratio", "random")
     sizes: tuple[float | int, ...] = (0.2, 0.4)  # fractions of the pool (float) or counts (int)
@@ -206,7 +207,7 @@ class Experiment:
         # Everything that can be checked is, before anything is written: a typo must not claim
         # the directory (config.json would refuse the corrected command) or start a stage.
         device = resolve_device(cfg.device)
-        self.data = load_dataset(cfg.data, cfg.data_root, cfg.image_size, cfg.workers)
+        self.data = load_dataset(cfg.data, cfg.data_root, cfg.image_size, cfg.workers, cfg.pool_size)
         self.pool = self.data.num_train
         self.initial, self.counts = _plan(cfg, self.pool)
         self.rundir = RunDir(self.out, ctx)
@@ -277,7 +278,7 @@ def transfer(subset_path: str | Path, cfg: ExperimentConfig, out: str | Path, lo
     trial, and evaluates them alone and as an ensemble of their seeds. Writes out/trial{t}/ and
     out/results.csv; returns the per-trial metrics."""
     device = resolve_device(cfg.device)
-    data = load_dataset(cfg.data, cfg.data_root, cfg.image_size, cfg.workers)
+    data = load_dataset(cfg.data, cfg.data_root, cfg.image_size, cfg.workers, cfg.pool_size)
     subset = np.load(subset_path)
     if subset.ndim != 1 or len(subset) == 0 or subset.min() < 0 or subset.max() >= data.num_train:
         raise ValueError(f"{subset_path}: expected a 1-D array of pool indices in [0, {data.num_train})")

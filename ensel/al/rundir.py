@@ -38,7 +38,7 @@ _WHERE_IT_RUNS = frozenset({"device", "workers"})
 
 # Options added after run directories were first written, with the value that gives what such a
 # directory computed: an old run resumes when asked for that, and refuses anything else.
-_BEFORE_THEY_EXISTED = {"acquisition": "top", "temperature": 1.0, "ties": "index"}
+_BEFORE_THEY_EXISTED = {"acquisition": "top", "temperature": 1.0, "ties": "index", "pool_size": None}
 
 
 @contextlib.contextmanager
