@@ -8,9 +8,11 @@ library's own layout and dtype (float32), then the peak resident memory is reset
 (median of --repeat). Native and adapter run one after the other at the same size, so their
 ratio is a side-by-side figure on a shared machine. Each pair's selections are compared too.
 
-The largest pool each path handles within this machine's memory is projected from the bytes per
-sample measured at two pool sizes (input + peak extra must fit in 90% of RAM): a projection,
-labelled as such, not a run to the point of failure.
+The largest pool each path handles is measured by runs to failure under a memory cap
+(`--cap-gib`, RLIMIT_DATA, which counts the input and everything the scoring allocates: doubling
+N until a run fails for lack of memory, then bisecting), and projected to this machine's RAM from
+the bytes per sample measured at two pool sizes (input + peak extra in 90% of RAM), labelled as a
+projection.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ CASES = {
               "run = lambda: ensel.score(t, kind='probs').mutual_info",
         pick="lambda s: np.argsort(-np.asarray(s), kind='stable')[:100]",
     ),
+    "scikit-activeml US entropy": dict(
+        # One model's [n, C] probabilities (what UncertaintySampling scores): E = 1.
+        layout="ENK", kind="probs", members=1,
+        native="from skactiveml.pool import uncertainty_scores\nrun = lambda: uncertainty_scores(x[0], method='entropy')",
+        ensel="from ensel.integrations.skactiveml import uncertainty_utilities\n"
+              "run = lambda: uncertainty_utilities(x[0], 'entropy')",
+        pick="lambda s: np.argsort(-np.asarray(s), kind='stable')[:100]",
+    ),
     "batchbald_redux get_bald_batch": dict(
         layout="NEK", kind="log_probs",
         native="import gc, torch\nfrom batchbald_redux.batchbald import get_bald_batch\nt = torch.from_numpy(x)\n"
@@ -61,57 +71,109 @@ CASES = {
 }
 
 WORKER = r"""
-import json, os, statistics, sys, time
+import json, os, resource, statistics, sys, time
+case, impl, n, e, k, repeat, cap = json.loads(sys.argv[1])
+if cap:  # bytes of data segment (heap and private mappings: every array) this process may hold
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
 import numpy as np
 import torch
-case, impl, n, e, k, repeat = json.loads(sys.argv[1])
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-rng = np.random.default_rng(0)
-logits = rng.standard_normal((e, n, k), dtype=np.float32) * 3
+e = case.get("members", e)
 layout, kind = case["layout"], case["kind"]
-if kind == "probs":
-    z = np.exp(logits - logits.max(-1, keepdims=True)); values = z / z.sum(-1, keepdims=True)
-elif kind == "log_probs":
-    values = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
-else:
-    values = logits
-del logits
-x = np.ascontiguousarray(values.transpose(["ENK".index(a) for a in layout]))
-del values
-exec(case[impl])
-pick = eval(case["pick"])
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-run()  # warm: imports, first-call costs
-times = []
-peak = 0
-for _ in range(repeat):
-    before = rss()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the peak restarts from here
-    t0 = time.perf_counter()
-    out = run()
-    times.append(time.perf_counter() - t0)
-    peak = max(peak, hwm() - before)
-    picked = pick(out.numpy() if hasattr(out, "numpy") else out)
+sizes = {"E": e, "N": n, "K": k}
+
+def is_oom(exc):
+    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc)
+
+# The libraries first (their shared objects are mapped memory the cap counts too), then the input.
+for line in case.get(impl, "").splitlines():
+    if line.startswith(("import ", "from ")):
+        exec(line)
+stage = "input"
+try:
+    # The input in the library's layout, made chunk by chunk of samples so that making it costs
+    # no more than the input itself (the memory cap counts it).
+    x = np.empty([sizes[a] for a in layout], dtype=np.float32)
+    view = x.transpose([layout.index(a) for a in "ENK"])
+    rng = np.random.default_rng(0)
+    step = max(1, (16 << 20) // (4 * e * k))
+    for lo in range(0, n, step):
+        logits = rng.standard_normal((e, min(step, n - lo), k), dtype=np.float32) * 3
+        logits -= logits.max(-1, keepdims=True)
+        if kind == "probs":
+            z = np.exp(logits); logits = z / z.sum(-1, keepdims=True)
+        elif kind == "log_probs":
+            logits -= np.log(np.exp(logits).sum(-1, keepdims=True))
+        view[:, lo : lo + logits.shape[1]] = logits
+    del logits
+    if impl == "input":  # the input alone: where no implementation can go further
+        print(json.dumps({"seconds": 0.0, "peak_extra": 0, "input": x.nbytes, "picked": []}))
+        sys.exit(0)
+    stage = "scoring"
+    exec(case[impl])
+    pick = eval(case["pick"])
+    def hwm():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    run()  # warm: imports, first-call costs
+    times = []
+    peak = 0
+    for _ in range(repeat):
+        before = rss()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak restarts from here
+        t0 = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t0)
+        peak = max(peak, hwm() - before)
+        picked = pick(out.numpy() if hasattr(out, "numpy") else out)
+except Exception as exc:
+    if not is_oom(exc):
+        raise
+    print(json.dumps({"oom": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", "stage": stage}))
+    sys.exit(0)
 print(json.dumps({"seconds": statistics.median(times), "peak_extra": peak, "input": x.nbytes,
                   "picked": sorted(int(i) for i in picked)}))
 """
 
 
-def measure(name: str, impl: str, n: int, e: int, k: int, repeat: int) -> dict:
-    arg = json.dumps([CASES[name], impl, n, e, k, repeat])
+def measure(name: str, impl: str, n: int, e: int, k: int, repeat: int, cap: int = 0) -> dict:
+    arg = json.dumps([CASES[name], impl, n, e, k, repeat, cap])
     env = {key: v for key, v in os.environ.items() if key not in ("TRITON_INTERPRET", "ENSEL_BACKEND")}
     res = subprocess.run([sys.executable, "-c", WORKER, arg], capture_output=True, text=True, cwd=ROOT, env=env)
     if res.returncode != 0:
         return {"error": (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]}
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def largest_under_cap(name: str, impl: str, start: int, e: int, k: int, cap: int, steps: int) -> dict:
+    """The largest pool N that runs under a `cap`-byte memory limit (RLIMIT_DATA: the input and
+    everything the scoring allocates), found by doubling from `start` until a run fails for lack
+    of memory, then `steps` bisections: a run to failure, not a projection."""
+    lo, hi, n = 0, None, start
+    while hi is None:
+        got = measure(name, impl, n, e, k, 1, cap)
+        if "error" in got:
+            return {"error": got["error"]}
+        if "oom" in got:
+            hi, failure = n, got
+        else:
+            lo, n = n, 2 * n
+    for _ in range(steps):
+        mid = (lo + hi) // 2
+        got = measure(name, impl, mid, e, k, 1, cap)
+        if "error" in got:
+            return {"error": got["error"]}
+        if "oom" in got:
+            hi, failure = mid, got
+        else:
+            lo = mid
+    return {"largest_ok": lo, "smallest_failed": hi, "failure": failure["oom"], "failed_in": failure["stage"]}
 
 
 def main() -> int:
@@ -120,10 +182,13 @@ def main() -> int:
     p.add_argument("--e", type=int, default=20)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--cap-gib", type=float, default=4.0, help="memory cap of the runs to failure (0: none)")
+    p.add_argument("--cap-steps", type=int, default=4, help="bisection steps after the first failure")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--cases", default=",".join(CASES))
     a = p.parse_args()
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cap = int(a.cap_gib * 2**30)
     rows = []
     for name in a.cases.split(","):
         got = {}
@@ -132,7 +197,8 @@ def main() -> int:
             large = measure(name, impl, 2 * a.n, a.e, a.k, 1) if "error" not in small else {"error": "skipped"}
             got[impl] = (small, large)
         (ns, nl), (es, el) = got["native"], got["ensel"]
-        row = {"case": name, "E": a.e, "N": a.n, "K": a.k, "native": ns, "ensel": es}
+        E = CASES[name].get("members", a.e)
+        row = {"case": name, "E": E, "N": a.n, "K": a.k, "native": ns, "ensel": es}
         if "error" not in ns and "error" not in es:
             row["speedup"] = ns["seconds"] / es["seconds"]
             row["same_selection"] = ns["picked"] == es["picked"]
@@ -143,27 +209,46 @@ def main() -> int:
                 fixed = s["input"] + s["peak_extra"] - per_sample * a.n
                 row[f"{impl}_bytes_per_sample"] = per_sample
                 row[f"{impl}_largest_pool_projected"] = int((0.9 * ram - max(fixed, 0)) / per_sample) if per_sample > 0 else None
+                if cap:
+                    row[f"{impl}_under_cap"] = largest_under_cap(name, impl, a.n, E, a.k, cap, a.cap_steps)
+        if cap and "speedup" in row:
+            row["input_under_cap"] = largest_under_cap(name, "input", a.n, E, a.k, cap, a.cap_steps)
         for impl in ("native", "ensel"):
             row[impl] = {key: v for key, v in row[impl].items() if key != "picked"}
         rows.append(row)
         print(json.dumps(row), flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [f"# AL libraries: native scoring vs the ensel adapter (E={a.e}, N={a.n}, K={a.k}, float32, "
+    lines = [f"# AL libraries: native scoring vs the ensel adapter (E={a.e} unless noted, N={a.n}, K={a.k}, float32, "
              f"median of {a.repeat}; {os.cpu_count()} cores, {ram / 2**30:.0f} GiB)", "",
+             f"Largest N under a {a.cap_gib:g} GiB cap: runs to failure (RLIMIT_DATA; the input counts), "
+             f"bisected to within 1/{2 ** a.cap_steps} of the first failing size; \"input alone\": the largest N whose "
+             "input fits next to the imports, the limit of any implementation. "
+             "Projected: input + peak extra in 90% of RAM, from the bytes per sample at N and 2N.", "",
              "| case | native s | ensel s | speedup | native peak extra MB | ensel peak extra MB | input MB | same top-100 "
+             f"| native largest N, {a.cap_gib:g} GiB cap | ensel largest N, {a.cap_gib:g} GiB cap | input alone "
              "| native largest N (projected) | ensel largest N (projected) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        case = r["case"] + (f" (E={r['E']})" if r["E"] != a.e else "")
         if "speedup" not in r:
-            lines.append(f"| {r['case']} | {r['native'].get('error', '')} | {r['ensel'].get('error', '')} | | | | | | | |")
+            lines.append(f"| {case} | {r['native'].get('error', '')} | {r['ensel'].get('error', '')} | | | | | | | | | | |")
             continue
         mb = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
         big = lambda key: f"{r[key]:,}" if r.get(key) else "-"  # noqa: E731
-        lines.append(f"| {r['case']} | {r['native']['seconds']:.3f} | {r['ensel']['seconds']:.3f} | {r['speedup']:.1f}x "
+
+        def capped(impl):
+            c = r.get(f"{impl}_under_cap")
+            if not c:
+                return "-"
+            if "error" in c:
+                return c["error"]
+            return f"{c['largest_ok']:,}" + (" (then the input itself)" if c["failed_in"] == "input" else "")
+
+        lines.append(f"| {case} | {r['native']['seconds']:.3f} | {r['ensel']['seconds']:.3f} | {r['speedup']:.1f}x "
                      f"| {mb(r['native']['peak_extra'])} | {mb(r['ensel']['peak_extra'])} | {mb(r['native']['input'])} "
-                     f"| {'yes' if r['same_selection'] else 'NO'} | {big('native_largest_pool_projected')} "
-                     f"| {big('ensel_largest_pool_projected')} |")
+                     f"| {'yes' if r['same_selection'] else 'NO'} | {capped('native')} | {capped('ensel')} | {capped('input')} "
+                     f"| {big('native_largest_pool_projected')} | {big('ensel_largest_pool_projected')} |")
     (out / "integrations.txt").write_text("\n".join(lines) + "\n")
     (out / "integrations.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
