@@ -83,7 +83,10 @@ layout, kind = case["layout"], case["kind"]
 sizes = {"E": e, "N": n, "K": k}
 
 def is_oom(exc):
-    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "out of memory" in str(exc)
+    text = str(exc)
+    # (EAGAIN: a thread whose stack the cap leaves no room for)
+    return isinstance(exc, MemoryError) or any(
+        s in text for s in ("can't allocate memory", "out of memory", "Resource temporarily unavailable"))
 
 # The libraries first (their shared objects are mapped memory the cap counts too), then the input.
 for line in case.get(impl, "").splitlines():
@@ -186,6 +189,8 @@ def main() -> int:
     p.add_argument("--cap-steps", type=int, default=4, help="bisection steps after the first failure")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--update", action="store_true",
+                   help="replace only these cases' rows in the existing results (the others are kept as measured)")
     a = p.parse_args()
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cap = int(a.cap_gib * 2**30)
@@ -219,6 +224,10 @@ def main() -> int:
         print(json.dumps(row), flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.update and (out / "integrations.json").is_file():
+        fresh = {r["case"]: r for r in rows}
+        kept = json.loads((out / "integrations.json").read_text())
+        rows = [fresh.pop(r["case"], r) for r in kept] + list(fresh.values())
     lines = [f"# AL libraries: native scoring vs the ensel adapter (E={a.e} unless noted, N={a.n}, K={a.k}, float32, "
              f"median of {a.repeat}; {os.cpu_count()} cores, {ram / 2**30:.0f} GiB)", "",
              f"Largest N under a {a.cap_gib:g} GiB cap: runs to failure (RLIMIT_DATA; the input counts), "

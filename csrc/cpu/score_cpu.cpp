@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <system_error>
 #include <type_traits>
 #include <thread>
 #include <vector>
@@ -22,14 +23,22 @@ int64_t slice_count(int64_t n, int num_threads, int64_t work_per_item) {
   return std::max<int64_t>(1, std::min<int64_t>(num_threads, n));
 }
 
-// Runs body(slice, begin, end) on slice_count(...) threads, the calling thread included.
+// Runs body(slice, begin, end) on slice_count(...) threads, the calling thread included. A thread
+// the system cannot start (no memory left for its stack: EAGAIN) leaves its slice to the calling
+// thread: slower, never an error.
 template <typename Body>
 void parallel_for(int64_t n, int num_threads, int64_t work_per_item, Body body) {
   const int64_t slices = slice_count(n, num_threads, work_per_item);
   std::vector<std::thread> pool;
   pool.reserve(slices - 1);
-  for (int64_t t = 1; t < slices; ++t) pool.emplace_back(body, t, n * t / slices, n * (t + 1) / slices);
+  int64_t started = 1;
+  try {
+    for (; started < slices; ++started)
+      pool.emplace_back(body, started, n * started / slices, n * (started + 1) / slices);
+  } catch (const std::system_error&) {
+  }
   body(int64_t{0}, int64_t{0}, n / slices);
+  for (int64_t t = started; t < slices; ++t) body(t, n * t / slices, n * (t + 1) / slices);
   for (auto& th : pool) th.join();
 }
 
