@@ -148,7 +148,7 @@ BAD = {
         (["--subset", "sub.npy", "--device", "bogus", "--out", "t"], "not a torch device"),
         (["--subset", "sub.npy", "--out", "m0.npy"], "not a directory"),
         (["--subset", "sub.npy", "--out", "{ro}/t"], "cannot write"),
-        (["--subset", "sub.npy", "--arch", "vgg", "--out", "t"], "invalid choice"),
+        (["--subset", "sub.npy", "--arch", "vgg", "--out", "t"], "argument --arch: arch='vgg': unknown"),
     ],
     "consensus": [
         (["m0.npy", "m1.npy", "m2.npy", "--last=-1"], "at least 2"),  # dropped the first file
