@@ -25,14 +25,15 @@ def write_idx(path: Path, array: np.ndarray, magic: int, compress: bool) -> None
 
 
 def make_files(root: Path, n_train=120, n_test=30, compress=False, seed=0):
-    """IDX files of n_train / n_test 28x28 images whose first pixel is the image's own index mod
-    256 (so a split can be traced back) and labels cycling 0..9."""
+    """IDX files of n_train / n_test 28x28 images whose first two pixels hold the image's own
+    index (i mod 256, i // 256; so a split can be traced back) and labels cycling 0..9."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     out = {}
     for split, n in (("train", n_train), ("t10k", n_test)):
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         images[:, 0, 0] = np.arange(n) % 256
+        images[:, 0, 1] = np.arange(n) // 256
         labels = (np.arange(n) % 10).astype(np.uint8)
         write_idx(root / f"{split}-images-idx3-ubyte", images, 0x803, compress)
         write_idx(root / f"{split}-labels-idx1-ubyte", labels, 0x801, compress)
@@ -68,7 +69,8 @@ def test_pool_size_is_a_stratified_fixed_subset(tmp_path):
     full = load_idx("mnist", tmp_path)
     small = load_dataset("mnist", tmp_path, pool_size=100)
     assert small.num_train == 100 and torch.bincount(small.train_labels, minlength=10).tolist() == [10] * 10
-    assert set(small._images["train"][:, 0, 0, 0].tolist()) <= set(full._images["train"][:, 0, 0, 0].tolist())
+    ids = lambda d: set((d._images["train"][:, 0, 0, 0].long() + 256 * d._images["train"][:, 0, 0, 1].long()).tolist())  # noqa: E731
+    assert len(ids(small)) == 100 and ids(small) <= ids(full)
     assert torch.equal(small._images["val"], full._images["val"])  # the validation split does not move
     with pytest.raises(ValueError, match="pool_size=551"):
         load_idx("mnist", tmp_path, pool_size=551)

@@ -344,7 +344,8 @@ def load_idx(name: str, root: str | Path | None = None, seed: int = 0, pool_size
             images = read_idx(root / images_file, 0x803, f"{name} {split} images")
             labels = read_idx(root / labels_file, 0x801, f"{name} {split} labels")
             if len(images) != len(labels):
-                raise ValueError(f"{root}: {len(images)} {split} images but {len(labels)} labels")
+                raise ValueError(f"{root / images_file} holds {len(images)} images but {root / labels_file} "
+                                 f"{len(labels)} labels")
             if labels.size and int(labels.max()) > 9:
                 raise ValueError(f"{root / labels_file}: label {int(labels.max())} outside 0..9")
             splits[split] = (torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
