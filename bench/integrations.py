@@ -158,24 +158,20 @@ def largest_under_cap(name: str, impl: str, start: int, e: int, k: int, cap: int
     """The largest pool N that runs under a `cap`-byte memory limit (RLIMIT_DATA: the input and
     everything the scoring allocates), found by doubling from `start` until a run fails for lack
     of memory, then `steps` bisections: a run to failure, not a projection."""
-    lo, hi, n = 0, None, start
-    while hi is None:
+    lo, hi, failure = 0, None, None
+    tries = 0
+    while hi is None or tries < steps:  # doubling until the first failure, then `steps` bisections
+        n = 2 * lo if hi is None else (lo + hi) // 2
+        n = n or start
+        if hi is not None:
+            tries += 1
         got = measure(name, impl, n, e, k, 1, cap)
         if "error" in got:
             return {"error": got["error"]}
         if "oom" in got:
             hi, failure = n, got
         else:
-            lo, n = n, 2 * n
-    for _ in range(steps):
-        mid = (lo + hi) // 2
-        got = measure(name, impl, mid, e, k, 1, cap)
-        if "error" in got:
-            return {"error": got["error"]}
-        if "oom" in got:
-            hi, failure = mid, got
-        else:
-            lo = mid
+            lo = n
     return {"largest_ok": lo, "smallest_failed": hi, "failure": failure["oom"], "failed_in": failure["stage"]}
 
 
