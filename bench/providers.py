@@ -68,6 +68,7 @@ def eager_scores(logits: torch.Tensor, labels: torch.Tensor | None = None) -> di
         "mode": mode,
         "mode_votes": mode_votes,
         "variation_ratio": 1.0 - mode_votes.float() / E,
+        "vote_entropy": -torch.special.xlogy(counts.float() / E, counts.float() / E).sum(-1),
         "margin": margin,
         "least_confidence": 1.0 - top1,
     }
@@ -151,6 +152,7 @@ def numpy_scores(logits, labels=None) -> dict[str, np.ndarray]:
         "mode": mode,
         "mode_votes": mode_votes,
         "variation_ratio": 1.0 - mode_votes / E,
+        "vote_entropy": -np.sum(np.where(counts > 0, counts / E * np.log(np.maximum(counts, 1) / E), 0.0), axis=-1),
         "margin": margin,
         "least_confidence": 1.0 - sort_p[:, -1],
     }
